@@ -1,0 +1,34 @@
+"""Episodic task distributions for few-shot learning, usable without the rest of the toolkit."""
+
+from tasks.dataset import (
+    ClassDataset,
+    ConcatClasses,
+    RotatedClasses,
+    SubsetClasses,
+    TensorClassDataset,
+    check_episode_spec,
+)
+from tasks.episode import Episode
+from tasks.errors import (
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    EpisodeSpecError,
+    TaskDataError,
+)
+from tasks.sampler import EpisodeSource, TaskSampler
+
+__all__ = [
+    "ClassDataset",
+    "ConcatClasses",
+    "CorruptDatasetError",
+    "DatasetNotFoundError",
+    "Episode",
+    "EpisodeSource",
+    "EpisodeSpecError",
+    "RotatedClasses",
+    "SubsetClasses",
+    "TaskDataError",
+    "TaskSampler",
+    "TensorClassDataset",
+    "check_episode_spec",
+]

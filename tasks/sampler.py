@@ -1,0 +1,99 @@
+"""Episode samplers: N-way K-shot tasks drawn from a ClassDataset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from tasks.dataset import ClassDataset, ImageTransform, check_episode_spec
+from tasks.episode import Episode
+
+
+@runtime_checkable
+class EpisodeSource(Protocol):
+    """Anything that yields Episodes: ``sample()`` the next one, ``sample(index)`` a given one."""
+
+    def sample(self, index: int | None = None) -> Episode: ...
+
+
+class TaskSampler:
+    """Draws N-way K-shot episodes with ``queries`` query images per class.
+
+    Episode ``i`` of a sampler is a pure function of ``(seed, i)`` (numpy's PCG64, which gives the
+    same stream on every platform), so the same seed gives the same episodes on any machine,
+    resuming needs only the episode counter (:meth:`state_dict`), and disjoint index sets
+    (for example ``rank, rank + world, ...``) give disjoint task streams for parallel workers.
+
+    Within an episode, labels ``0..N-1`` are assigned in a random class order; support and query
+    are grouped by label (``K`` support images of label 0, then label 1, ...).
+    """
+
+    def __init__(
+        self,
+        dataset: ClassDataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int = 0,
+        transform: ImageTransform | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.seed = int(seed)
+        self.transform = transform
+        # Indexed once: per-episode cost is independent of the number of classes and images.
+        self._eligible = check_episode_spec(dataset, self.ways, self.shots, self.queries)
+        self._sizes = dataset.class_sizes()
+        self.index = 0
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(index)])
+
+    def sample(self, index: int | None = None) -> Episode:
+        """Episode ``index``; with no index, the next one in this sampler's stream."""
+        if index is None:
+            index = self.index
+            self.index += 1
+        rng = self.rng(index)
+        classes = rng.choice(self._eligible, size=self.ways, replace=False)
+        per_class = self.shots + self.queries
+        sx, qx = [], []
+        for c in classes:
+            idx = rng.choice(int(self._sizes[c]), size=per_class, replace=False)
+            x = self.dataset.images(int(c), idx)
+            if self.transform is not None:
+                x = self.transform(x)
+            sx.append(x[: self.shots])
+            qx.append(x[self.shots :])
+        labels = torch.arange(self.ways, dtype=torch.int64)
+        return Episode(
+            support_x=torch.cat(sx),
+            support_y=labels.repeat_interleave(self.shots),
+            query_x=torch.cat(qx),
+            query_y=labels.repeat_interleave(self.queries),
+            classes=torch.as_tensor(classes, dtype=torch.int64),
+        )
+
+    def sample_batch(self, batch_size: int) -> Episode:
+        """The next ``batch_size`` episodes stacked into a meta-batch."""
+        return Episode.stack([self.sample() for _ in range(batch_size)])
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self.index = int(state["index"])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.ways}-way {self.shots}-shot, {self.queries} queries, "
+            f"{self.dataset.num_classes} classes, seed={self.seed})"
+        )
