@@ -1,5 +1,6 @@
 """Episodic task distributions for few-shot learning, usable without the rest of the toolkit."""
 
+from tasks.benchmarks import TaskSets, available_tasksets, get_tasksets, register_tasksets
 from tasks.dataset import (
     ClassDataset,
     ConcatClasses,
@@ -29,6 +30,10 @@ __all__ = [
     "SubsetClasses",
     "TaskDataError",
     "TaskSampler",
+    "TaskSets",
+    "available_tasksets",
+    "get_tasksets",
+    "register_tasksets",
     "TensorClassDataset",
     "check_episode_spec",
 ]

@@ -46,7 +46,9 @@ class ClassDataset(abc.ABC):
         """Number of images of every class, as an int64 array (computed once, then cached)."""
         cached = getattr(self, "_class_sizes_cache", None)
         if cached is None:
-            cached = np.asarray([self.num_images(c) for c in range(self.num_classes)], dtype=np.int64)
+            cached = np.asarray(
+                [self.num_images(c) for c in range(self.num_classes)], dtype=np.int64
+            )
             self._class_sizes_cache = cached
         return cached
 
@@ -88,7 +90,9 @@ class TensorClassDataset(ClassDataset):
         if data.dim() != 4:
             raise ValueError(f"data must be [N, C, H, W], got shape {tuple(data.shape)}")
         self.data = data
-        self.class_indices = [torch.as_tensor(np.asarray(ix, dtype=np.int64)) for ix in class_indices]
+        self.class_indices = [
+            torch.as_tensor(np.asarray(ix, dtype=np.int64)) for ix in class_indices
+        ]
         if names is not None and len(names) != len(self.class_indices):
             raise ValueError(f"{len(names)} names for {len(self.class_indices)} classes")
         self.names = list(names) if names is not None else None

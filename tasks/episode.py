@@ -59,7 +59,7 @@ class Episode:
             shapes = {tuple(t.shape) for t in tensors}
             if len(shapes) != 1:
                 raise ValueError(
-                    f"cannot stack episodes: field {f.name!r} has different shapes {sorted(shapes)}; "
+                    f"cannot stack episodes: field {f.name!r} has shapes {sorted(shapes)}; "
                     "all episodes of a meta-batch need the same ways, shots and queries"
                 )
             out[f.name] = torch.stack(tensors)
@@ -70,7 +70,9 @@ class Episode:
         if not self.is_batched:
             return [self]
         n = self.classes.shape[0]
-        return [Episode(**{f.name: getattr(self, f.name)[i] for f in fields(self)}) for i in range(n)]
+        return [
+            Episode(**{f.name: getattr(self, f.name)[i] for f in fields(self)}) for i in range(n)
+        ]
 
     def __len__(self) -> int:
         return int(self.classes.shape[0]) if self.is_batched else 1
