@@ -18,7 +18,31 @@ from tasks.errors import (
 )
 from tasks.sampler import EpisodeSource, TaskSampler
 
+# Dataset classes load lazily so that importing ``tasks`` stays cheap and one format's optional
+# pieces never break another's import.
+_LAZY = {
+    "Omniglot": "tasks.omniglot",
+    "LakeRuns": "tasks.lake",
+    "MiniImageNet": "tasks.miniimagenet",
+    "TieredImageNet": "tasks.tieredimagenet",
+    "ImageFolderClasses": "tasks.folder",
+    "GlyphClasses": "tasks.glyphs",
+    "SinusoidTasks": "tasks.sinusoid",
+    "TorchmetaBatches": "tasks.compat",
+    "L2LTaskView": "tasks.compat",
+    "EpisodesFromCallable": "tasks.compat",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+
 __all__ = [
+    *_LAZY,
     "ClassDataset",
     "ConcatClasses",
     "CorruptDatasetError",

@@ -8,6 +8,7 @@ Each dataset module registers a *splits function* ``f(root, **options) -> {"trai
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,11 +68,16 @@ def get_tasksets(
 ) -> TaskSets:
     """Train/validation/test samplers of ``ways``-way ``shots``-shot episodes for ``name``.
 
-    ``options`` go to the dataset's splits function (for example ``image_size`` or
-    ``rotations`` for Omniglot, ``download``). The three samplers get distinct seeds derived from
-    ``seed`` so their streams never coincide.
+    ``seed`` seeds episode sampling; the three samplers get distinct seeds derived from it so
+    their streams never coincide. ``options`` go to the dataset's splits function (for example
+    ``image_size`` or ``rotations`` for Omniglot, ``download``); ``split_seed`` is passed on as
+    the splits function's own ``seed`` (its class split or, for generated data, its classes), which
+    is otherwise left at its default so the standard splits stay fixed whatever ``seed`` is.
     """
-    splits = _resolve(name)(root, **options)
+    fn = _resolve(name)
+    if "split_seed" in options and "split_seed" not in inspect.signature(fn).parameters:
+        options["seed"] = options.pop("split_seed")
+    splits = fn(root, **options)
     tq = queries if test_queries is None else test_queries
     return TaskSets(
         train=TaskSampler(splits["train"], ways, shots, queries, seed=seed),
