@@ -18,3 +18,15 @@ def omniglot_root() -> Path:
     if not OMNIGLOT_ROOT.is_dir():
         pytest.skip(f"real Omniglot data not found at {OMNIGLOT_ROOT}")
     return OMNIGLOT_ROOT
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Run the suite on one torch thread: the tests use tiny models, for which intra-op threading
+    costs more than it saves (measured several-fold slower with 2 threads on a 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

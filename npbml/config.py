@@ -1,0 +1,470 @@
+"""Experiment configuration: YAML files validated into nested dataclasses.
+
+A config file has one mapping per section (``data``, ``model``, ``algorithm``, ``train``,
+``eval``); every key is checked against the section's dataclass, so a typo fails loudly::
+
+    unknown key 'inner_lrr' in section 'algorithm'; valid keys: eval_inner_steps, first_order, ...
+
+Extending it (later issues):
+
+- **A new section** (say ``loss``): write a dataclass whose fields all have defaults and add it as
+  a field of :class:`Config` (``loss: LossConfig = field(default_factory=LossConfig)``). The
+  validator walks dataclasses generically, so nothing else changes; old files stay valid because
+  the section defaults.
+- **Algorithm-, model- or dataset-specific settings** go in the section's ``options`` mapping, which
+  is passed as keyword arguments to the factory (``build_algorithm(name, model, ..., **options)``).
+  ``options`` is free-form by default; a component that wants its options validated registers a
+  dataclass with :func:`register_options`, e.g. ``register_options("algorithm", "npbml",
+  NPBMLOptions)``; then unknown or mistyped option keys fail like any other key and defaults are
+  filled in.
+
+Command-line overrides ``--set section.key=value`` are applied to the raw mapping *before*
+validation (so they get the same checks); ``value`` is parsed with ``yaml.safe_load``
+(``3`` -> int, ``0.1`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` -> None).
+Float fields also accept strings such as ``1e-3``, which YAML 1.1 (PyYAML) reads as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Which task distribution: arguments of :func:`tasks.get_tasksets`.
+
+    ``queries`` query images per class at meta-train time; ``test_queries`` at validation and
+    test time (defaults to ``queries``). ``options`` go to the dataset's splits function
+    (e.g. ``image_size``, ``rotations``).
+    """
+
+    name: str = "glyphs"
+    root: str | None = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    test_queries: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone: ``npbml.models.build_model(name, **kwargs)``.
+
+    ``num_classes`` is the number of ways, and ``in_channels`` / ``image_size`` are read off the
+    data, unless ``options`` sets them. ``options`` holds the rest (``hidden``, ``variant``, ...).
+    """
+
+    name: str = "conv4"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AlgorithmConfig:
+    """Meta-learner: ``npbml.algorithms.build_algorithm(name, model, **kwargs)`` (METHODS.md 2).
+
+    ``inner_lr`` is alpha, ``inner_steps`` J at meta-train time, ``eval_inner_steps`` J at
+    validation/test time (defaults to ``inner_steps``). ``options`` holds algorithm-specific
+    keyword arguments (adapt/freeze patterns, ...).
+    """
+
+    name: str = "maml"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int | None = None
+    first_order: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Outer loop: meta-batch of ``meta_batch_size`` tasks, ``meta_steps`` outer updates.
+
+    ``optimizer`` is Adam (default) or SGD with rate ``meta_lr``; ``lr_schedule`` ``"cosine"``
+    decays it to ``min_lr`` over ``meta_steps`` (torch's CosineAnnealingLR). ``grad_clip`` clips
+    the global norm of the meta-gradient (``None``: off). Every ``val_every`` steps the mean
+    accuracy over ``val_tasks`` fixed validation episodes decides ``best.pt``; ``last.pt`` is
+    written every ``checkpoint_every`` steps; train metrics are averaged over ``log_every`` steps.
+    ``device``: ``cpu``, ``cuda`` or ``auto``; ``threads``: torch CPU threads during the run
+    (``None``: torch's default; 1 is fastest on a machine shared with other jobs).
+    ``per_task_backward``: back-propagate each task of a meta-batch as soon as its loss is known
+    (``learner.meta_backward``; same gradient, memory of one task instead of B).
+    ``max_nonfinite_steps``: a meta-step whose meta-loss or meta-gradient is not finite is
+    skipped with a warning; this many skips in a row stop the run (the last checkpoint is kept).
+    """
+
+    meta_batch_size: int = 4
+    meta_steps: int = 1000
+    meta_lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: Literal["none", "cosine"] = "none"
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    val_every: int = 500
+    val_tasks: int = 100
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    device: str = "cpu"
+    threads: int | None = None
+    per_task_backward: bool = False
+    max_nonfinite_steps: int = 5
+
+
+@dataclass
+class EvalConfig:
+    """Meta-test: mean accuracy with a 95% interval over ``tasks`` episodes of ``split``."""
+
+    tasks: int = 600
+    split: Literal["train", "validation", "test"] = "test"
+
+
+@dataclass
+class Config:
+    """A whole experiment. Every section defaults, so a file only lists what it changes."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe); ``config_from_dict(c.to_dict()) == c``."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-component option schemas
+# ---------------------------------------------------------------------------------------------
+
+# (section, component name) -> dataclass validating that section's ``options``.
+_OPTION_SCHEMAS: dict[tuple[str, str], type] = {}
+
+# Modules whose import registers option schemas; imported (once) before the first validation, so
+# a schema applies even when nothing else has imported its module yet.
+OPTION_SCHEMA_MODULES: list[str] = ["npbml.algorithms", "npbml.algorithms.npbml"]
+
+
+def _import_schema_modules() -> None:
+    import importlib
+
+    for name in OPTION_SCHEMA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a missing dependency inside the module is a real error
+                raise
+
+
+def register_options(section: str, name: str, schema: type) -> None:
+    """Validate ``<section>.options`` with dataclass ``schema`` whenever ``<section>.name == name``.
+
+    After validation, ``options`` holds every field of ``schema`` (defaults filled in) as a dict.
+    """
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"options schema for {section}/{name} must be a dataclass, got {schema!r}")
+    _OPTION_SCHEMAS[(section, name)] = schema
+
+
+def _validate_options(cfg: Config) -> None:
+    _import_schema_modules()
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        name, options = getattr(section, "name", None), getattr(section, "options", None)
+        schema = _OPTION_SCHEMAS.get((f.name, name))
+        if schema is None or options is None:
+            continue
+        obj = _build(schema, options, f"{f.name}.options", f"{f.name}.options ({name})")
+        section.options = dataclasses.asdict(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (dict, Mapping):
+        return "mapping"
+    if origin in (list, tuple):
+        return "list"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against annotation ``tp`` (with the few safe conversions documented)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, Mapping):
+            return _build(tp, value, key, key)
+        raise _Mismatch
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        vt = args[1] if args else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        et = args[0] if args else Any
+        return [_coerce(v, et, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        # bool is an int subclass; ``ways: true`` is a mistake, not 1.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as a string; accept any numeric spelling.
+            try:
+                out = float(value)
+            except ValueError:
+                raise _Mismatch from None
+            if math.isfinite(out):
+                return out
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"config field {key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, section: str, label: str | None = None) -> Any:
+    """Instantiate dataclass ``cls`` from mapping ``data``, checking every key and type."""
+    label = label or section
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"section {label!r} must be a mapping of keys to values, got "
+            f"{type(data).__name__} {data!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            if label:
+                msg = f"unknown key {key!r} in section {label!r}; valid keys: "
+            else:
+                msg = f"unknown section {key!r}; valid sections: "
+            raise ConfigError(msg + ", ".join(sorted(names)))
+        path = f"{section}.{key}" if section else str(key)
+        try:
+            kwargs[key] = _coerce(value, hints[key], path)
+        except _Mismatch:
+            raise ConfigError(
+                f"{path}: expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}"
+            ) from None
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Range checks the type system cannot express."""
+    positive = {
+        "data.ways": cfg.data.ways,
+        "data.shots": cfg.data.shots,
+        "algorithm.inner_steps": cfg.algorithm.inner_steps,
+        "train.meta_batch_size": cfg.train.meta_batch_size,
+        "train.meta_steps": cfg.train.meta_steps,
+        "train.val_every": cfg.train.val_every,
+        "train.val_tasks": cfg.train.val_tasks,
+        "train.log_every": cfg.train.log_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "eval.tasks": cfg.eval.tasks,
+    }
+    if cfg.algorithm.eval_inner_steps is not None:
+        positive["algorithm.eval_inner_steps"] = cfg.algorithm.eval_inner_steps
+    if cfg.data.test_queries is not None:
+        positive["data.test_queries"] = cfg.data.test_queries
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
+    nonneg = {
+        "data.queries": cfg.data.queries,
+        "algorithm.inner_lr": cfg.algorithm.inner_lr,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.min_lr": cfg.train.min_lr,
+    }
+    for key, v in nonneg.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if cfg.train.meta_lr <= 0:
+        raise ConfigError(f"train.meta_lr must be > 0, got {cfg.train.meta_lr}")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise ConfigError(f"train.threads must be >= 1 or null, got {cfg.train.threads}")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip must be > 0 or null, got {cfg.train.grad_clip}")
+    from tasks.benchmarks import available_tasksets
+
+    if cfg.data.name not in available_tasksets():
+        raise ConfigError(
+            f"data.name: unknown task distribution {cfg.data.name!r}; available: "
+            f"{', '.join(available_tasksets())}"
+        )
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> Config:
+    """Validate a nested mapping (as read from YAML) into a :class:`Config`."""
+    cfg = _build(Config, data or {}, "", "")
+    _validate_options(cfg)
+    _check_values(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides and files
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.meta_lr=3e-4"`` -> ``(["train", "meta_lr"], 3e-4)`` (value via yaml.safe_load)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override key {key!r} has an empty component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with each ``key.sub=value`` override set."""
+    out = _deepcopy_mapping(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                )
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy_mapping(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deepcopy_mapping(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy_mapping(v) for v in data]
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (empty file -> ``{}``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; check the path given to --config")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read YAML ``path`` (or start from defaults when ``None``), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+        elif x != y:
+            out.append(prefix)
+
+    walk(a.to_dict(), b.to_dict(), "")
+    return out

@@ -1,0 +1,267 @@
+"""FiLM task adaptation (feature-wise linear modulation) for NPBML.
+
+NPBML (Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983; METHODS.md
+section 3) makes its meta-learned procedural biases task-adaptive with FiLM (Perez et al., 2018):
+
+    FiLM(h; c) = (1 + gamma(c)) * h + beta(c),
+
+where ``gamma, beta`` come from a linear *generator* reading a context ``c``. The generator's
+weights start ~ N(0, 0.01) and its bias at zero, so FiLM is ~ the identity at initialisation and
+NPBML starts ~ MAML. The ``1 +`` parameterisation (rather than ``gamma * h``) is what makes a
+near-zero generator an identity.
+
+Three uses, all nn.Modules whose parameters are meta-parameters (psi):
+
+* :class:`FiLMGenerator` - the bare generator ``c -> (gamma, beta)`` plus :func:`film`, usable in
+  anyone's functional forward pass.
+* :class:`FiLMBlock` - wraps an encoder block (conv-BN-ReLU-pool, a residual block, a linear
+  block). The generator reads the global-average-pooled *block input* per sample; gamma/beta act
+  after BatchNorm and before the first nonlinearity when the block is an ``nn.Sequential`` that
+  has one, otherwise on the block output.
+* :class:`FiLMLinear` - a linear layer modulated by its own input, used for every layer of the
+  learned-loss MLPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+#: Modules treated as "the nonlinearity" when locating where FiLM acts inside a block.
+NONLINEARITIES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+)
+
+
+def film(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Apply ``(1 + gamma) * h + beta`` feature-wise.
+
+    ``h`` is ``[B, C, *spatial]``; ``gamma`` and ``beta`` are ``[B, C]`` (one pair per sample) or
+    ``[C]`` and are broadcast over the spatial dimensions, or have ``h``'s own shape (linear
+    layers, ``[..., C]``).
+    """
+    if gamma.shape != beta.shape:
+        raise ValueError(f"gamma {tuple(gamma.shape)} and beta {tuple(beta.shape)} differ in shape")
+    if gamma.shape == h.shape:  # linear layers: [..., C] modulated elementwise
+        return (1.0 + gamma) * h + beta
+    if gamma.dim() == 1:  # one pair for all samples: [C] -> [1, C]
+        gamma, beta = gamma.unsqueeze(0), beta.unsqueeze(0)
+    if gamma.dim() != 2 or h.dim() < 2 or gamma.shape[-1] != h.shape[1]:
+        raise ValueError(
+            f"FiLM parameters of shape {tuple(gamma.shape)} do not fit features {tuple(h.shape)}; "
+            "expected [B, C] (or [C]) for h of shape [B, C, ...]"
+        )
+    shape = gamma.shape + (1,) * (h.dim() - 2)
+    gamma, beta = gamma.reshape(shape), beta.reshape(shape)
+    return (1.0 + gamma) * h + beta
+
+
+def global_context(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample context of an activation: global average pool ``[B, C, ...] -> [B, C]``."""
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+
+
+class FiLMGenerator(nn.Module):
+    """Linear generator ``context [B, in_features] -> (gamma, beta)``, each ``[B, num_features]``.
+
+    Weights ~ N(0, ``init_std``) and zero bias (METHODS.md sec. 3: "generator weights start
+    ~ N(0, 0.01)"; we read 0.01 as the standard deviation), so ``FiLM ~ identity`` at init.
+    ``init_std=0`` gives an exact identity, which the tests use to check NPBML == MAML/SGD.
+    """
+
+    def __init__(self, in_features: int, num_features: int, init_std: float = 0.01) -> None:
+        super().__init__()
+        if in_features <= 0 or num_features <= 0:
+            raise ValueError(
+                f"FiLMGenerator needs positive sizes, got in_features={in_features}, "
+                f"num_features={num_features}"
+            )
+        self.in_features = int(in_features)
+        self.num_features = int(num_features)
+        self.linear = nn.Linear(self.in_features, 2 * self.num_features)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std: float = 0.01) -> None:
+        """Weights ~ N(0, init_std), bias 0 (near-identity FiLM)."""
+        nn.init.normal_(self.linear.weight, 0.0, init_std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if context.shape[-1] != self.in_features:
+            raise ValueError(
+                f"FiLMGenerator expects a context with {self.in_features} features, got shape "
+                f"{tuple(context.shape)}"
+            )
+        gamma, beta = self.linear(context).chunk(2, dim=-1)
+        return gamma, beta
+
+    def modulate(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``FiLM(h; context)``."""
+        gamma, beta = self(context)
+        return film(h, gamma, beta)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_features={self.num_features}"
+
+
+Modulate = Callable[[torch.Tensor], torch.Tensor]
+BlockForward = Callable[[nn.Module, torch.Tensor, Modulate], torch.Tensor]
+
+#: ``type -> f(block, x, modulate)``: how to run a block with FiLM applied at the right place.
+_FILM_FORWARDS: dict[type, BlockForward] = {}
+
+
+def register_film_forward(block_type: type, fn: BlockForward) -> None:
+    """Teach :class:`FiLMBlock` where FiLM acts inside blocks of ``block_type``.
+
+    ``fn(block, x, modulate)`` must run ``block`` on ``x`` and call ``modulate(h)`` once on the
+    post-normalisation, pre-nonlinearity activation ``h``. Unregistered types are modulated at
+    their output (or, for ``nn.Sequential``, before the first nonlinearity).
+    """
+    _FILM_FORWARDS[block_type] = fn
+
+
+def _sequential_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
+    layers = list(block)
+    split = next((i for i, m in enumerate(layers) if isinstance(m, NONLINEARITIES)), None)
+    if split is None:
+        return modulate(block(x))
+    for layer in layers[:split]:
+        x = layer(x)
+    x = modulate(x)
+    for layer in layers[split:]:
+        x = layer(x)
+    return x
+
+
+def _conv_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
+    # npbml.models.ConvBlock: conv -> BN -> [FiLM] -> ReLU -> pool
+    return block.pool(block.relu(modulate(block.bn(block.conv(x)))))
+
+
+def _residual_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
+    # npbml.models.ResidualBlock: FiLM after the last BN of the main path, before the residual
+    # sum and its LeakyReLU (the TADAM placement for ResNets).
+    h = block.act(block.bn1(block.conv1(x)))
+    h = block.act(block.bn2(block.conv2(h)))
+    h = modulate(block.bn3(block.conv3(h)))
+    h = block.act(h + block.shortcut(x))
+    return block.dropout(block.pool(h))
+
+
+def _film_forward_for(block: nn.Module) -> BlockForward | None:
+    if not _FILM_FORWARDS:
+        from npbml.models import ConvBlock, ResidualBlock  # lazy: models never import film
+
+        register_film_forward(nn.Sequential, _sequential_forward)
+        register_film_forward(ConvBlock, _conv_block_forward)
+        register_film_forward(ResidualBlock, _residual_block_forward)
+    return _FILM_FORWARDS.get(type(block))
+
+
+def block_channels(block: nn.Module) -> tuple[int, int]:
+    """``(in_channels, out_channels)`` of a conv or linear block, read from its layers.
+
+    Input width: the first Conv2d/Linear's input size. Output width: the last BatchNorm's
+    ``num_features`` if any, else the last Conv2d/Linear's output size (residual blocks declare
+    their shortcut after the main path in some codebases; its width equals the block's anyway).
+    """
+    first_in: int | None = None
+    last_out: int | None = None
+    last_norm: int | None = None
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            size_in = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+            size_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            if first_in is None:
+                first_in = size_in
+            last_out = size_out
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm | nn.LayerNorm):
+            last_norm = getattr(m, "num_features", None) or getattr(m, "num_channels", None)
+    if first_in is None or last_out is None:
+        raise ValueError(
+            f"cannot infer the channels of block {type(block).__name__}: it has no Conv2d or "
+            "Linear layer; pass in_channels/out_channels explicitly"
+        )
+    return first_in, int(last_norm) if last_norm else last_out
+
+
+class FiLMBlock(nn.Module):
+    """An encoder block with FiLM task adaptation (NPBML, METHODS.md sec. 3).
+
+    The generator reads the global-average-pooled block *input* (per sample); gamma/beta act after
+    BatchNorm and before the nonlinearity: for ``npbml.models.ConvBlock`` between BN and ReLU, for
+    ``nn.Sequential`` before the first nonlinearity, for ``npbml.models.ResidualBlock`` after the
+    last BN of the main path (before the residual sum), and for any other block type at the block
+    output unless a placement is registered with :func:`register_film_forward`.
+
+    The wrapped block is held by reference (not copied): its parameters stay the backbone's, and
+    ``functional_call`` on a module containing this one addresses them as ``block.*``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if in_channels is None or out_channels is None:
+            cin, cout = block_channels(block)
+            in_channels = cin if in_channels is None else in_channels
+            out_channels = cout if out_channels is None else out_channels
+        self.block = block
+        self.generator = FiLMGenerator(in_channels, out_channels, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return film_block_forward(self.block, self.generator, x)
+
+
+def film_block_forward(block: nn.Module, generator: FiLMGenerator, x: torch.Tensor) -> torch.Tensor:
+    """Run ``block`` on ``x`` with FiLM from ``generator`` (context: pooled ``x``), placed as
+    described in :class:`FiLMBlock`. The functional core of FiLMBlock, for composite networks
+    that keep blocks and generators in separate containers."""
+    context = global_context(x)
+
+    def modulate(h: torch.Tensor) -> torch.Tensor:
+        return generator.modulate(h, context)
+
+    fn = _film_forward_for(block)
+    if fn is None:
+        return modulate(block(x))
+    return fn(block, x, modulate)
+
+
+class FiLMLinear(nn.Module):
+    """Linear layer FiLM-modulated by its own input: ``FiLM(W x + b; x)``.
+
+    Used for every layer of NPBML's loss MLPs (METHODS.md sec. 3: "every linear layer is
+    FiLM-modulated by its own input"). The linear weights follow ``init_std`` too (the loss
+    networks start ~ N(0, 0.01)); biases start at zero. With ``film=False`` it is a plain linear
+    layer with the same initialisation (the "no FiLM" ablation rows).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, init_std: float = 0.01, film: bool = True
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        nn.init.normal_(self.linear.weight, 0.0, init_std)
+        nn.init.zeros_(self.linear.bias)
+        self.generator = FiLMGenerator(in_features, out_features, init_std) if film else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        if self.generator is None:
+            return h
+        return self.generator.modulate(h, x)

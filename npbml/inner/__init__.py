@@ -1,0 +1,22 @@
+"""Differentiable inner-loop pieces: optimizers, learned rates, inner losses."""
+
+from npbml.inner.losses import (
+    CONTEXT_KEYS,
+    InnerLoss,
+    accepts_context,
+    call_inner_loss,
+    cross_entropy,
+)
+from npbml.inner.sgd import InnerSGD, PerParameterLR, Preconditioner, SGDState
+
+__all__ = [
+    "CONTEXT_KEYS",
+    "InnerLoss",
+    "InnerSGD",
+    "PerParameterLR",
+    "Preconditioner",
+    "SGDState",
+    "accepts_context",
+    "call_inner_loss",
+    "cross_entropy",
+]

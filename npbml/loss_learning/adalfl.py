@@ -1,0 +1,276 @@
+"""AdaLFL: online loss-function learning (Raymond et al., arXiv 2301.13247; METHODS.md sec 4).
+
+Phase 1 (offline): initialise ``phi`` with ML3-style unrolled steps (:meth:`AdaLFL.offline_init`).
+Phase 2 (online): after every base update of the ordinary training run (:meth:`AdaLFL.step`)::
+
+    theta_{t+1} = opt_step(theta_t, grad_theta M_phi_t(batch_t))        (differentiable, 1 step)
+    phi_{t+1}   = phi_t - eta * grad_phi L_task(batch'_t; theta_{t+1})
+    theta_{t+1} <- theta_{t+1}.detach()
+
+``opt_step`` is SGD with Nesterov momentum 0.9 and weight decay 5e-4 by default, unrolled through
+:class:`npbml.inner.InnerSGD` (identical to :class:`torch.optim.SGD`) so that the meta-gradient
+sees the momentum buffer. ``batch'`` is the next training batch (``meta_batch="next"``, default)
+or a held-out validation batch (``"validation"``); the sources do not settle which one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from npbml.inner import InnerSGD, SGDState
+from npbml.loss_learning.ml3 import (
+    ML3,
+    Batch,
+    MetaObjective,
+    default_meta_objective,
+    unrolled_step,
+)
+from npbml.losses.learned import all_finite, restore_parameters, snapshot_parameters
+
+logger = logging.getLogger(__name__)
+
+META_BATCHES = ("next", "validation")
+
+
+def adalfl_meta_loss(
+    model: nn.Module,
+    loss_net: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    meta_batch: Batch,
+    optimizer: InnerSGD,
+    state: SGDState | None,
+    meta_objective: MetaObjective,
+    loss_params: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], SGDState]:
+    """The AdaLFL meta-objective of one online step, as a pure function.
+
+    Returns ``(meta_loss, base_loss, theta_{t+1}, state_{t+1})`` where ``meta_loss =
+    L_task(f_{theta_{t+1}}(x'), y')`` is differentiable w.r.t. ``phi`` (``loss_params`` when
+    given, else ``loss_net``'s own parameters) through the base optimizer step and its momentum.
+    """
+    base, new_params, new_state = unrolled_step(
+        model, loss_net, params, batch, optimizer, state, loss_params
+    )
+    preds = functional_call(model, new_params, (meta_batch[0],), strict=False)
+    return meta_objective(preds, meta_batch, new_params), base, new_params, new_state
+
+
+@dataclass
+class AdaLFLStep:
+    """Outcome of one :meth:`AdaLFL.step`."""
+
+    base_loss: float
+    meta_loss: float
+    skipped: bool
+
+
+class AdaLFL:
+    """Online loss learning for a user's own training loop.
+
+    Example::
+
+        adalfl = AdaLFL(model, LearnedLoss(), base_lr=0.01)
+        adalfl.offline_init(pairs_of_batches, steps=100)      # phase 1 (optional)
+        for batch, next_batch in zip(batches, batches[1:]):   # phase 2
+            base_loss, meta_loss = adalfl.step(batch, next_batch)
+
+    The model's parameters are updated in place (after the step they are detached leaves again);
+    its buffers (BatchNorm statistics) are updated by both forward passes of a step.
+
+    Robustness: if the base loss, the meta loss, the new parameters or the meta-gradient are
+    non-finite, nothing is applied to the model or its optimizer state, the step is logged and
+    counted in :attr:`skipped_steps`, the loss network is reset to its last good parameters (those
+    of the last successful step) and the meta-optimizer's state is cleared.
+
+    Args:
+        model: the base model ``f_theta`` (trained in place).
+        loss_net: the learned loss ``M_phi``.
+        base_lr, momentum, nesterov, weight_decay: the base SGD (defaults 0.01, 0.9, True, 5e-4).
+        meta_lr: Adam learning rate of ``phi`` (default 1e-3).
+        meta_batch: ``"next"`` (the next training batch) or ``"validation"``.
+        validation_batches: an iterable cycled for the meta batch when ``step`` gets none (needed
+            for ``meta_batch="validation"`` unless batches are passed explicitly).
+        meta_objective: ``(predictions, batch, params) -> scalar``; default CE / MSE by task.
+        meta_optimizer: optimizer over ``loss_net.parameters()``; default Adam(``meta_lr``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_net: nn.Module,
+        base_lr: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        meta_lr: float = 1e-3,
+        meta_batch: str = "next",
+        validation_batches: Iterable[Batch] | None = None,
+        task: str | None = None,
+        meta_objective: MetaObjective | None = None,
+        meta_optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if meta_batch not in META_BATCHES:
+            raise ValueError(f"meta_batch must be one of {META_BATCHES}, got {meta_batch!r}")
+        self.model = model
+        self.loss_net = loss_net
+        self.task = task or getattr(loss_net, "task", "classification")
+        self.base_optimizer = InnerSGD(
+            lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        )
+        self.meta_batch = meta_batch
+        self._validation_source = validation_batches
+        self._validation_iter: Iterator[Batch] | None = None
+        self.meta_objective = meta_objective or default_meta_objective(self.task)
+        self.meta_optimizer = meta_optimizer or torch.optim.Adam(loss_net.parameters(), lr=meta_lr)
+        self.opt_state: SGDState = {}
+        self.skipped_steps = 0
+        self.steps = 0
+        self._last_good = snapshot_parameters(loss_net)
+
+    def set_base_lr(self, lr: float) -> None:
+        """Change the base learning rate (for schedules); momentum buffers are kept."""
+        old = self.base_optimizer
+        if lr != old.learning_rates():
+            self.base_optimizer = InnerSGD(
+                lr=lr,
+                momentum=old.momentum,
+                dampening=old.dampening,
+                nesterov=old.nesterov,
+                weight_decay=old.weight_decay,
+            )
+
+    # -- phase 1 -----------------------------------------------------------------------------
+    def offline_init(
+        self,
+        batches: Iterable[tuple[Batch, Batch]],
+        steps: int,
+        reset_every: int | None = None,
+    ) -> list[float]:
+        """ML3-style offline initialisation of ``phi`` for ``steps`` (S_init) meta steps.
+
+        Runs on a deep copy of the model with the same (unrolled) base optimizer, so the model
+        being trained is not touched. ``batches`` yields ``(train_batch, meta_batch)`` pairs.
+        Returns the meta-loss history.
+        """
+        start = copy.deepcopy(self.model)
+        ml3 = ML3(
+            self.loss_net,
+            meta_objective=self.meta_objective,
+            task=self.task,
+            inner_optimizer=self.base_optimizer,
+            meta_optimizer=self.meta_optimizer,
+        )
+        history = ml3.meta_train(lambda: copy.deepcopy(start), batches, steps, reset_every)
+        self._last_good = snapshot_parameters(self.loss_net)
+        return history
+
+    # -- phase 2 -----------------------------------------------------------------------------
+    def _next_validation_batch(self) -> Batch:
+        if self._validation_source is None:
+            raise ValueError(
+                "AdaLFL.step needs a meta batch: pass step(batch, meta_batch) (the next training "
+                "batch for meta_batch='next') or give validation_batches= to AdaLFL"
+            )
+        if self._validation_iter is None:
+            self._validation_iter = iter(self._validation_source)
+        try:
+            return next(self._validation_iter)
+        except StopIteration:
+            self._validation_iter = iter(self._validation_source)
+            return next(self._validation_iter)
+
+    def step(self, batch: Batch, meta_batch: Batch | None = None) -> tuple[float, float]:
+        """One online AdaLFL step; returns ``(base_loss, meta_loss)`` (NaN-free unless skipped).
+
+        Whether it was skipped is in :attr:`last_step`.
+        """
+        if meta_batch is None:
+            meta_batch = self._next_validation_batch()
+        trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
+        params = {k: v.detach().requires_grad_() for k, v in trainable.items()}
+        meta, base, new_params, new_state = adalfl_meta_loss(
+            self.model,
+            self.loss_net,
+            params,
+            batch,
+            meta_batch,
+            self.base_optimizer,
+            self.opt_state,
+            self.meta_objective,
+        )
+        phis = [p for p in self.loss_net.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(meta, phis, allow_unused=True)
+        self.steps += 1
+        if not all_finite(base, meta, *grads, *new_params.values(), *new_state.values()):
+            self.skipped_steps += 1
+            logger.warning(
+                "AdaLFL step %d: non-finite loss/parameters/meta-gradient; base step skipped and "
+                "loss network reset to its last good parameters",
+                self.steps,
+            )
+            restore_parameters(self.loss_net, self._last_good)
+            self.meta_optimizer.state.clear()
+            self.last_step = AdaLFLStep(base.item(), meta.item(), True)
+            return self.last_step.base_loss, self.last_step.meta_loss
+        # These phi produced a finite step: they become the rollback point.
+        self._last_good = snapshot_parameters(self.loss_net)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(phis, grads):
+            p.grad = None if g is None else g.detach()
+        self.meta_optimizer.step()
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(new_params[k])
+        self.opt_state = {k: v.detach() for k, v in new_state.items()}
+        self.last_step = AdaLFLStep(base.item(), meta.item(), False)
+        return self.last_step.base_loss, self.last_step.meta_loss
+
+    def train_epoch(
+        self, batches: Iterable[Batch], callback: Callable[[int, AdaLFLStep], Any] | None = None
+    ) -> list[AdaLFLStep]:
+        """Step over ``batches``; with ``meta_batch="next"`` batch ``t+1`` is step ``t``'s meta
+        batch (the last batch of the epoch is its own meta batch)."""
+        out: list[AdaLFLStep] = []
+        it = iter(batches)
+        current = next(it, None)
+        while current is not None:
+            following = next(it, None)
+            if self.meta_batch == "next":
+                self.step(current, following if following is not None else current)
+            else:
+                self.step(current)
+            out.append(self.last_step)
+            if callback is not None:
+                callback(self.steps, self.last_step)
+            current = following
+        return out
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: loss network, meta-optimizer, base momentum, counters."""
+        return {
+            "loss_net": self.loss_net.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "opt_state": dict(self.opt_state),
+            "last_good": dict(self._last_good),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the model's own weights are restored separately)."""
+        self.loss_net.load_state_dict(state["loss_net"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.opt_state = dict(state["opt_state"])
+        self._last_good = dict(state["last_good"])
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])

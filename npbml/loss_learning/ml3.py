@@ -1,0 +1,233 @@
+"""ML3: offline meta-learning of a loss network by one-step unrolled differentiation.
+
+Bechtle et al., "Meta-Learning via Learned Loss" (ICPR 2020, arXiv 1906.05374), METHODS.md sec 4:
+repeat for S steps -- take one (or J) differentiable inner step(s)
+``theta' = theta - alpha * grad_theta M_phi(f_theta(x), y)`` on a training batch, then update
+``phi`` with ``grad_phi L_task(f_theta'(x_v), y_v)`` on a meta (validation) batch. The task loss
+(the meta-objective) may use meta-train-time extra information (ML3's "shaped" losses): it is
+any callable ``meta_objective(predictions, batch, params) -> scalar``.
+
+Batches are tuples ``(x, y, *extra)``; ``extra`` is passed through to the meta-objective only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from npbml.inner import InnerSGD, SGDState
+from npbml.losses.learned import all_finite
+
+logger = logging.getLogger(__name__)
+
+Batch = Sequence[torch.Tensor]
+Params = dict[str, torch.Tensor]
+MetaObjective = Callable[[torch.Tensor, Batch, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def default_meta_objective(task: str) -> MetaObjective:
+    """The plain task loss: cross-entropy (``"classification"``) or MSE (``"regression"``)."""
+    if task == "classification":
+        return lambda preds, batch, params: F.cross_entropy(preds, batch[1])
+    if task == "regression":
+        return lambda preds, batch, params: F.mse_loss(preds, batch[1].reshape(preds.shape))
+    raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+
+
+def model_params(model: nn.Module) -> Params:
+    """Detached, grad-requiring copies of a model's trainable parameters (the inner-loop start)."""
+    return {
+        k: v.detach().clone().requires_grad_()
+        for k, v in model.named_parameters()
+        if v.requires_grad
+    }
+
+
+def loss_value(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    preds: torch.Tensor,
+    targets: torch.Tensor,
+    loss_params: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``loss_fn(preds, targets)``, with ``loss_params`` substituted via ``functional_call``."""
+    if loss_params is None:
+        return loss_fn(preds, targets)
+    if not isinstance(loss_fn, nn.Module):
+        raise TypeError("loss_params given but the loss is not an nn.Module")
+    return functional_call(loss_fn, dict(loss_params), (preds, targets), strict=False)
+
+
+def unrolled_step(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    optimizer: InnerSGD,
+    state: SGDState | None = None,
+    loss_params: Mapping[str, torch.Tensor] | None = None,
+    create_graph: bool = True,
+) -> tuple[torch.Tensor, Params, SGDState]:
+    """One base-optimizer step on the learned loss, kept differentiable.
+
+    Returns ``(base_loss, new_params, new_state)`` with
+    ``new_params = opt_step(params, grad_params M(f_params(x), y))`` (METHODS.md sec 4); with
+    ``create_graph`` the result is differentiable w.r.t. the loss network's parameters (second
+    order), including through momentum buffers carried in ``state``.
+    """
+    preds = functional_call(model, dict(params), (batch[0],), strict=False)
+    base = loss_value(loss_fn, preds, batch[1], loss_params)
+    names = list(params)
+    grads = torch.autograd.grad(
+        base, [params[k] for k in names], create_graph=create_graph, allow_unused=True
+    )
+    grads_map = {k: (torch.zeros_like(params[k]) if g is None else g) for k, g in zip(names, grads)}
+    new_params, new_state = optimizer.step(dict(params), grads_map, state)
+    return base, new_params, new_state
+
+
+@dataclass
+class MetaStepResult:
+    """What one meta step produced (losses as floats; ``skipped`` if it was non-finite)."""
+
+    base_loss: float
+    meta_loss: float
+    skipped: bool = False
+    params: Params = field(default_factory=dict, repr=False)
+
+
+class ML3:
+    """Offline loss learning (Bechtle et al. 2020): ``phi <- phi - eta grad_phi L_task(theta')``.
+
+    Args:
+        loss_net: the learned loss ``M_phi`` (e.g. :class:`~npbml.losses.LearnedLoss`); its
+            parameters are updated by ``meta_optimizer``.
+        inner_lr: ``alpha`` of the differentiable inner step(s).
+        inner_steps: number of unrolled inner steps per meta step (ML3 uses 1).
+        meta_lr: Adam learning rate for ``phi`` (ignored when ``meta_optimizer`` is given).
+        meta_objective: ``(predictions, batch, adapted_params) -> scalar``; defaults to CE or MSE
+            according to ``task`` (taken from ``loss_net.task`` when present).
+        inner_optimizer: the differentiable base optimizer; default plain SGD with ``inner_lr``.
+        meta_optimizer: optimizer over ``loss_net.parameters()``; default Adam(``meta_lr``).
+    """
+
+    def __init__(
+        self,
+        loss_net: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        meta_lr: float = 1e-3,
+        meta_objective: MetaObjective | None = None,
+        task: str | None = None,
+        inner_optimizer: InnerSGD | None = None,
+        meta_optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        self.loss_net = loss_net
+        self.task = task or getattr(loss_net, "task", "classification")
+        self.inner_steps = int(inner_steps)
+        self.inner_optimizer = inner_optimizer or InnerSGD(lr=inner_lr)
+        self.meta_objective = meta_objective or default_meta_objective(self.task)
+        self.meta_optimizer = meta_optimizer or torch.optim.Adam(loss_net.parameters(), lr=meta_lr)
+        self.skipped_steps = 0
+
+    def meta_step(
+        self, model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, meta_batch: Batch
+    ) -> MetaStepResult:
+        """One ML3 meta step from ``params``; returns the losses and detached ``theta'``.
+
+        A non-finite loss or meta-gradient skips the ``phi`` update (logged, counted in
+        :attr:`skipped_steps`) and returns ``params`` unchanged.
+        """
+        state: SGDState | None = None
+        new = dict(params)
+        base = torch.zeros(())
+        for _ in range(self.inner_steps):
+            base, new, state = unrolled_step(
+                model, self.loss_net, new, batch, self.inner_optimizer, state
+            )
+        preds = functional_call(model, new, (meta_batch[0],), strict=False)
+        meta = self.meta_objective(preds, meta_batch, new)
+        phis = [p for p in self.loss_net.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(meta, phis, allow_unused=True)
+        if not all_finite(base, meta, *grads, *new.values()):
+            self.skipped_steps += 1
+            logger.warning("ML3: non-finite loss or meta-gradient; phi update skipped")
+            return MetaStepResult(base.item(), meta.item(), True, {k: v for k, v in params.items()})
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(phis, grads):
+            p.grad = None if g is None else g.detach()
+        self.meta_optimizer.step()
+        detached = {k: v.detach().requires_grad_() for k, v in new.items()}
+        return MetaStepResult(base.item(), meta.item(), False, detached)
+
+    def meta_train(
+        self,
+        make_model: Callable[[], nn.Module],
+        batches: Iterable[tuple[Batch, Batch]],
+        steps: int,
+        reset_every: int | None = 1,
+    ) -> list[float]:
+        """Run ``steps`` meta steps over ``(train_batch, meta_batch)`` pairs.
+
+        ``reset_every=k`` builds a fresh base model with ``make_model()`` every ``k`` steps (ML3's
+        generalisation to new models); ``None`` keeps training one model (theta <- theta'.detach()).
+        Returns the meta-loss history.
+        """
+        history: list[float] = []
+        it = iter(batches)
+        model = make_model()
+        params = model_params(model)
+        for s in range(steps):
+            if reset_every is not None and s > 0 and s % reset_every == 0:
+                model = make_model()
+                params = model_params(model)
+            try:
+                batch, meta_batch = next(it)
+            except StopIteration:
+                raise ValueError(f"batches ran out after {s} of {steps} meta steps") from None
+            result = self.meta_step(model, params, batch, meta_batch)
+            params = result.params
+            history.append(result.meta_loss)
+        return history
+
+
+def train_with_loss(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[Batch],
+    steps: int,
+    lr: float,
+    optimizer: str = "sgd",
+) -> nn.Module:
+    """Ordinary training of ``model`` on ``loss_fn`` (learned or not), ``phi`` frozen.
+
+    Used at meta-test time: a learned loss trains a fresh model (ML3 sec IV). ``optimizer`` is
+    ``"sgd"`` or ``"adam"``. The loss network's parameters receive no update.
+    """
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    it = iter(batches)
+    for _ in range(steps):
+        batch = next(it)
+        loss = loss_fn(model(batch[0]), batch[1])
+        if not math.isfinite(loss.item()):
+            logger.warning("train_with_loss: non-finite loss, step skipped")
+            continue
+        opt.zero_grad(set_to_none=True)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        for p, g in zip((p for p in model.parameters() if p.requires_grad), grads):
+            p.grad = g
+        opt.step()
+    return model

@@ -1,0 +1,153 @@
+"""Learned loss network of ML3 / AdaLFL (METHODS.md sec 4).
+
+Bechtle et al., "Meta-Learning via Learned Loss" (ICPR 2020, arXiv 1906.05374); Raymond et al.,
+"Online Loss Function Learning" (arXiv 2301.13247). The loss network ``M_phi`` is an MLP applied
+independently to each class (or output dimension) on the pair (prediction, target), summed over
+classes and averaged over the batch. Its parameters ``phi`` are meta-parameters: the network is
+usable through :func:`torch.func.functional_call` with a dict of (possibly non-leaf) tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npbml.activations import smooth_leaky_relu
+
+TASKS = ("classification", "regression")
+OUTPUT_ACTIVATIONS = ("softplus", "none")
+
+
+class LearnedLoss(nn.Module):
+    """Per-class MLP loss ``M_phi(y, f(x)) = mean_n sum_c g_phi(p_{n,c}, y_{n,c})``.
+
+    Classification (``task="classification"``): ``p = softmax(logits)`` and ``y`` the one-hot
+    target (integer class targets ``[N]`` or a probability target ``[N, C]``). Regression
+    (``task="regression"``): the pair is (prediction ``y_hat``, target ``y``) per output dimension.
+    ``g_phi`` is ``2 -> hidden -> ... -> 1`` without biases, smooth leaky ReLU hidden activations
+    (:func:`npbml.activations.smooth_leaky_relu`) and a ``softplus`` output (ML3; keeps the loss
+    non-negative) or none. It runs on the ``[N, C, 2]`` stack of pairs in one batched matmul per
+    layer (no loop over classes), so the cost is ``O(N * C * hidden^2)``.
+
+    Args:
+        task: ``"classification"`` or ``"regression"``.
+        hidden: widths of the hidden layers (default ``(50, 50)``, METHODS.md sec 4).
+        output_activation: ``"softplus"`` (default) or ``"none"``.
+        init_std: if given, every weight starts ``N(0, init_std^2)``; else PyTorch's default
+            ``nn.Linear`` initialisation.
+        reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` (per example).
+    """
+
+    def __init__(
+        self,
+        task: str = "classification",
+        hidden: Iterable[int] = (50, 50),
+        output_activation: str = "softplus",
+        init_std: float | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
+            )
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        widths = [2, *[int(h) for h in hidden], 1]
+        if any(w < 1 for w in widths):
+            raise ValueError(f"hidden widths must be positive, got {tuple(hidden)}")
+        self.task = task
+        self.output_activation = output_activation
+        self.reduction = reduction
+        self.layers = nn.ModuleList(
+            nn.Linear(i, o, bias=False) for i, o in zip(widths[:-1], widths[1:])
+        )
+        if init_std is not None:
+            for layer in self.layers:
+                nn.init.normal_(layer.weight, 0.0, float(init_std))
+
+    def pairs(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The ``[N, C, 2]`` stack of (prediction, target) pairs the per-class MLP reads."""
+        if self.task == "classification":
+            if predictions.dim() != 2:
+                raise ValueError(
+                    "classification LearnedLoss expects logits [N, C], got "
+                    f"{tuple(predictions.shape)}"
+                )
+            p = torch.softmax(predictions, dim=-1)
+            if targets.dim() == 1 and not targets.is_floating_point():
+                if targets.shape[0] != predictions.shape[0]:
+                    raise ValueError(
+                        f"{targets.shape[0]} targets for {predictions.shape[0]} rows of logits"
+                    )
+                y = F.one_hot(targets, predictions.shape[-1]).to(p.dtype)
+            elif targets.shape == predictions.shape:
+                y = targets.to(p.dtype)
+            else:
+                raise ValueError(
+                    f"targets must be class indices [N] or a target distribution [N, C]; got "
+                    f"{tuple(targets.shape)} for logits {tuple(predictions.shape)}"
+                )
+            return torch.stack((p, y), dim=-1)
+        if predictions.dim() == 0 or targets.numel() != predictions.numel():
+            raise ValueError(
+                f"regression LearnedLoss expects predictions [N] or [N, D] and targets with the "
+                f"same number of elements, got {tuple(predictions.shape)} and "
+                f"{tuple(targets.shape)}"
+            )
+        y_hat = predictions.reshape(predictions.shape[0], -1)
+        y = targets.reshape(y_hat.shape).to(y_hat.dtype)
+        return torch.stack((y_hat, y), dim=-1)
+
+    def per_class(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``g_phi`` on every (example, class) pair: a ``[N, C]`` tensor."""
+        return self.g(self.pairs(predictions, targets))
+
+    def g(self, pairs: torch.Tensor) -> torch.Tensor:
+        """The per-class MLP ``g_phi`` on raw pairs ``[..., 2]`` (no softmax); shape ``[...]``."""
+        h = pairs
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < last:
+                h = smooth_leaky_relu(h)
+        if self.output_activation == "softplus":
+            h = F.softplus(h)
+        return h.squeeze(-1)
+
+    def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_example = self.per_class(predictions, targets).sum(-1)
+        if self.reduction == "mean":
+            return per_example.mean()
+        if self.reduction == "sum":
+            return per_example.sum()
+        return per_example
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}, output_activation={self.output_activation!r}"
+
+
+def all_finite(*tensors: torch.Tensor | None) -> bool:
+    """True when every given tensor (``None`` entries ignored) holds only finite values."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def snapshot_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's parameters (a "last good state" to roll back to)."""
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def restore_parameters(module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
+    """Copy a :func:`snapshot_parameters` state back into ``module`` in place."""
+    params = dict(module.named_parameters())
+    missing = set(params) - set(snapshot)
+    if missing:
+        raise KeyError(f"snapshot lacks parameters {sorted(missing)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(snapshot[k])

@@ -1,0 +1,437 @@
+"""Pre-training stages of the NPBML pipeline: the supervised backbone and the relation network.
+
+NPBML (Raymond et al., arXiv 2406.07983; METHODS.md sec. 3) starts from a backbone pre-trained
+with plain supervised cross-entropy over *all* meta-train classes (a throw-away linear classifier
+over every class), keeping the weights with the best nearest-prototype accuracy on validation
+episodes; then the head is replaced by the permutation-invariant N-way head row
+(:class:`npbml.algorithms.npbml.HeadRow`) and meta-training begins. The transductive loss term
+needs a relation network (Sung et al., CVPR 2018) pre-trained episodically with the MSE between
+its scores and the one-hot query labels (Sung et al., eq. 3), frozen afterwards.
+
+Functions for programmatic use (:func:`pretrain_backbone`, :func:`pretrain_relation`,
+:func:`prototype_accuracy`), checkpoint helpers (:func:`save_backbone`,
+:func:`load_backbone_weights`) and CLI pieces (``add_pretrain_arguments`` / ``run_pretrain``,
+``add_pretrain_relation_arguments`` / ``run_pretrain_relation``) that read the data and model
+sections of an experiment config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npbml.relation import RelationNetwork, save_relation
+from tasks.dataset import ClassDataset
+from tasks.episode import Episode
+from tasks.sampler import EpisodeSource
+
+BACKBONE_FORMAT = "npbml-backbone"
+
+Logger = Callable[[dict[str, Any]], None]
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    fn = getattr(model, "features", None)
+    if fn is None:
+        raise TypeError(
+            f"{type(model).__name__} has no features(x) method; pre-training needs the "
+            "representation before the head (npbml.models backbones provide it)"
+        )
+    return fn(x)
+
+
+@torch.no_grad()
+def prototype_accuracy(model: nn.Module, episode: Episode) -> float:
+    """Nearest-prototype (Snell et al. 2017) query accuracy of ``model.features`` on one task.
+
+    Support and query are embedded in one pass; each query goes to the class whose mean support
+    feature is nearest in squared Euclidean distance.
+    """
+    n_s = episode.support_x.shape[0]
+    feats = _features(model, torch.cat([episode.support_x, episode.query_x]))
+    s, q = feats[:n_s], feats[n_s:]
+    ways = episode.ways
+    protos = torch.zeros(ways, s.shape[1], dtype=s.dtype, device=s.device)
+    protos.index_add_(0, episode.support_y, s)
+    protos /= torch.bincount(episode.support_y, minlength=ways).clamp_min(1).unsqueeze(1)
+    pred = torch.cdist(q, protos).argmin(1)
+    return float((pred == episode.query_y).float().mean())
+
+
+def mean_prototype_accuracy(
+    model: nn.Module, source: EpisodeSource, episodes: int, device: torch.device | str = "cpu"
+) -> float:
+    """Mean :func:`prototype_accuracy` over episodes ``0..episodes-1`` of ``source`` (a fixed set:
+    episodes are drawn by index, so the source's own stream is untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        accs = [prototype_accuracy(model, source.sample(i).to(device)) for i in range(episodes)]
+    finally:
+        model.train(was_training)
+    return float(np.mean(accs))
+
+
+class _ClassBatches:
+    """Uniform random mini-batches of (image, class) over a ClassDataset, seeded."""
+
+    def __init__(self, dataset: ClassDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.sizes = dataset.class_sizes()
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.total = int(self.offsets[-1])
+        if self.total == 0:
+            raise ValueError("pre-training needs a dataset with at least one image")
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.rng.integers(0, self.total, size=batch_size)
+        classes = np.searchsorted(self.offsets, flat, side="right") - 1
+        xs, ys = [], []
+        for c in np.unique(classes):
+            idx = flat[classes == c] - self.offsets[c]
+            xs.append(self.dataset.images(int(c), idx))
+            ys.append(torch.full((len(idx),), int(c), dtype=torch.int64))
+        return torch.cat(xs), torch.cat(ys)
+
+
+@dataclass
+class PretrainResult:
+    """Outcome of a pre-training run: best validation score, its step, and the log records."""
+
+    best_accuracy: float
+    best_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pretrain_backbone(
+    model: nn.Module,
+    dataset: ClassDataset,
+    *,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    val_source: EpisodeSource | None = None,
+    val_episodes: int = 50,
+    eval_every: int = 200,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    log: Logger | None = None,
+) -> PretrainResult:
+    """Supervised CE pre-training of ``model``'s representation over all classes of ``dataset``.
+
+    A linear classifier ``feature_dim -> dataset.num_classes`` is trained jointly (SGD with
+    momentum, cosine-decayed ``lr``) and discarded; ``model.head`` is left untouched. With a
+    ``val_source``, nearest-prototype accuracy over ``val_episodes`` fixed validation episodes is
+    measured every ``eval_every`` steps and at the end, and the best weights are restored into
+    ``model`` (model selection as in the NPBML pipeline). Returns a :class:`PretrainResult`.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if val_source is not None and (val_episodes < 1 or eval_every < 1):
+        raise ValueError("val_episodes and eval_every must be >= 1 when validating")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    batches = _ClassBatches(dataset, seed)
+    x0, _ = batches.sample(1)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        dim = _features(model, x0.to(device)).shape[1]
+        model.train(was)
+    classifier = nn.Linear(dim, dataset.num_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(classifier.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    result = PretrainResult(best_accuracy=-math.inf, best_step=0)
+    best_state: dict[str, torch.Tensor] | None = None
+    running, n_run = 0.0, 0
+    for step in range(1, steps + 1):
+        x, y = batches.sample(batch_size)
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(classifier(_features(model, x)), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"pre-training loss is {float(loss)} at step {step}; lower the learning rate"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        n_run += 1
+        last = step == steps
+        if val_source is not None and (step % eval_every == 0 or last):
+            acc = mean_prototype_accuracy(model, val_source, val_episodes, device)
+            record = {"step": step, "loss": running / n_run, "val_accuracy": acc}
+            running, n_run = 0.0, 0
+            result.history.append(record)
+            if log is not None:
+                log(record)
+            if acc > result.best_accuracy:
+                result.best_accuracy, result.best_step = acc, step
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif val_source is None and (step % eval_every == 0 or last):
+            record = {"step": step, "loss": running / n_run}
+            running, n_run = 0.0, 0
+            result.history.append(record)
+            if log is not None:
+                log(record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_accuracy, result.best_step = math.nan, steps
+    return result
+
+
+def save_backbone(
+    model: nn.Module, path: str | Path, model_name: str, model_kwargs: dict[str, Any], **meta: Any
+) -> Path:
+    """Write a pre-trained backbone (state dict, how to rebuild it, and ``meta``) to ``path``."""
+    from npbml.checkpoint import save_checkpoint
+
+    state = {
+        "format": BACKBONE_FORMAT,
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "state_dict": model.state_dict(),
+    }
+    return save_checkpoint(path, {**meta, **state})
+
+
+def load_backbone_weights(
+    model: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("blocks.",)
+) -> list[str]:
+    """Copy the entries of a :func:`save_backbone` checkpoint whose names start with
+    ``prefixes`` (default: the body, not the head) into ``model``; returns the names loaded."""
+    from npbml.checkpoint import CheckpointError, load_checkpoint
+
+    state = load_checkpoint(path)
+    if state.get("format") != BACKBONE_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a backbone checkpoint (write one with `npbml pretrain` or "
+            "npbml.pretrain.save_backbone)"
+        )
+    saved = {k: v for k, v in state["state_dict"].items() if k.startswith(prefixes)}
+    own = model.state_dict()
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" if k in own else f"{k} (missing)"
+        for k, v in saved.items()
+        if k not in own or own[k].shape != v.shape
+    ]
+    if bad or not saved:
+        raise CheckpointError(
+            f"backbone checkpoint {str(path)!r} does not fit this model ({state.get('model')} "
+            f"{state.get('model_kwargs')}): {bad[:4] or 'no matching entries'}; pre-train the "
+            "same architecture (model name and options) as the experiment"
+        )
+    missing = [k for k in own if k.startswith(prefixes) and k not in saved]
+    if missing:
+        raise CheckpointError(f"backbone checkpoint {str(path)!r} lacks {missing[:4]}")
+    with torch.no_grad():
+        for k, v in saved.items():
+            own[k].copy_(v)
+    return sorted(saved)
+
+
+def pretrain_relation(
+    relation: RelationNetwork,
+    source: EpisodeSource,
+    *,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    val_source: EpisodeSource | None = None,
+    val_episodes: int = 50,
+    eval_every: int = 200,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    log: Logger | None = None,
+) -> PretrainResult:
+    """Episodic pre-training of a relation network (Sung et al. 2018, eq. 3): Adam on the MSE
+    between the scores ``[Q, N]`` and the one-hot query labels. With ``val_source``, the
+    argmax-score accuracy over fixed validation episodes selects the weights kept."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    relation.to(device).train()
+    opt = torch.optim.Adam(relation.parameters(), lr=lr)
+    result = PretrainResult(best_accuracy=-math.inf, best_step=0)
+    best_state: dict[str, torch.Tensor] | None = None
+    running, n_run = 0.0, 0
+    for step in range(1, steps + 1):
+        ep = source.sample().to(device)
+        scores = relation(ep.support_x, ep.support_y, ep.query_x, ep.ways)
+        loss = F.mse_loss(scores, F.one_hot(ep.query_y, ep.ways).to(scores.dtype))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += float(loss.detach())
+        n_run += 1
+        if step % eval_every == 0 or step == steps:
+            record: dict[str, Any] = {"step": step, "loss": running / n_run}
+            running, n_run = 0.0, 0
+            if val_source is not None:
+                record["val_accuracy"] = relation_accuracy(
+                    relation, val_source, val_episodes, device
+                )
+                if record["val_accuracy"] > result.best_accuracy:
+                    result.best_accuracy, result.best_step = record["val_accuracy"], step
+                    best_state = {k: v.detach().clone() for k, v in relation.state_dict().items()}
+            result.history.append(record)
+            if log is not None:
+                log(record)
+    if best_state is not None:
+        relation.load_state_dict(best_state)
+    else:
+        result.best_accuracy, result.best_step = math.nan, steps
+    relation.requires_grad_(False)  # frozen from here on (NPBML meta-training)
+    return result
+
+
+@torch.no_grad()
+def relation_accuracy(
+    relation: RelationNetwork,
+    source: EpisodeSource,
+    episodes: int,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean query accuracy of ``argmax`` relation scores over episodes ``0..episodes-1``."""
+    accs = []
+    for i in range(episodes):
+        ep = source.sample(i).to(device)
+        scores = relation(ep.support_x, ep.support_y, ep.query_x, ep.ways)
+        accs.append(float((scores.argmax(1) == ep.query_y).float().mean()))
+    return float(np.mean(accs))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI pieces: `npbml pretrain` and `npbml pretrain-relation` (wired up in npbml/cli.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _common_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    p.add_argument("--config", help="experiment YAML; its data and model sections are used")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+    p.add_argument("--root", default=None, help="dataset root (overrides data.root)")
+    p.add_argument("--out", required=True, help="where to write the checkpoint (.pt)")
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    p.add_argument("--val-episodes", type=int, default=50, help="validation episodes (50)")
+    p.add_argument("--eval-every", type=int, default=200, help="validate every N steps (200)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: train.seed)")
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``npbml pretrain`` (supervised backbone pre-training)."""
+    _common_arguments(p, steps=1000, lr=0.05)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+
+
+def add_pretrain_relation_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``npbml pretrain-relation`` (relation network pre-training)."""
+    _common_arguments(p, steps=1000, lr=1e-3)
+    p.add_argument("--channels", type=int, default=64, help="embedding channels (default 64)")
+    p.add_argument("--hidden", type=int, default=8, help="relation FC width (default 8)")
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, int, torch.device]:
+    from npbml.config import load_config
+    from npbml.train import make_tasksets, resolve_device
+
+    config = load_config(args.config, args.overrides)
+    tasksets = make_tasksets(config, args.root)
+    seed = config.train.seed if args.seed is None else int(args.seed)
+    return config, tasksets, seed, resolve_device(args.device)
+
+
+def _printer(record: dict[str, Any]) -> None:
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    )
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """``npbml pretrain``: pre-train the config's backbone on its meta-train classes, keep the
+    best nearest-prototype validation weights, write a backbone checkpoint to ``--out``
+    (load it with ``algorithm.options.backbone_checkpoint``)."""
+    from npbml.models import build_model
+    from npbml.train import infer_model_kwargs
+
+    config, tasksets, seed, device = _setup(args)
+    kwargs = {**infer_model_kwargs(config, tasksets), **config.model.options}
+    model = build_model(config.model.name, **kwargs)
+    result = pretrain_backbone(
+        model,
+        tasksets.train.dataset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_source=tasksets.validation,
+        val_episodes=args.val_episodes,
+        eval_every=args.eval_every,
+        seed=seed,
+        device=device,
+        log=_printer,
+    )
+    path = save_backbone(
+        model.cpu(),
+        args.out,
+        config.model.name,
+        kwargs,
+        val_accuracy=result.best_accuracy,
+        best_step=result.best_step,
+        config=config.to_dict(),
+    )
+    print(
+        f"best validation prototype accuracy {result.best_accuracy:.4f} at step "
+        f"{result.best_step}; wrote {path}"
+    )
+    return 0
+
+
+def run_pretrain_relation(args: argparse.Namespace) -> int:
+    """``npbml pretrain-relation``: episodic relation-network pre-training on the config's task
+    distribution; writes a checkpoint to ``--out`` (``algorithm.options.relation_checkpoint``)."""
+    from npbml.train import infer_model_kwargs
+
+    config, tasksets, seed, device = _setup(args)
+    in_channels = int(infer_model_kwargs(config, tasksets).get("in_channels", 1))
+    relation = RelationNetwork(channels=args.channels, in_channels=in_channels, hidden=args.hidden)
+    result = pretrain_relation(
+        relation,
+        tasksets.train,
+        steps=args.steps,
+        lr=args.lr,
+        val_source=tasksets.validation,
+        val_episodes=args.val_episodes,
+        eval_every=args.eval_every,
+        seed=seed,
+        device=device,
+        log=_printer,
+    )
+    path = save_relation(
+        relation.cpu(), args.out, val_accuracy=result.best_accuracy, config_used=config.to_dict()
+    )
+    print(f"best validation relation accuracy {result.best_accuracy:.4f}; wrote {path}")
+    return 0

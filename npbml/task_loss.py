@@ -1,0 +1,249 @@
+"""NPBML's task-adaptive learned inner loss ``M = CE + L_S + L_Q + R``.
+
+Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METHODS.md sec. 3).
+The inner loop of NPBML minimises a meta-learned loss ``M(phi, psi)`` instead of plain CE:
+
+* ``CE``  - the ordinary cross-entropy on the support set (``L_base``), so ``M ~ CE`` at init;
+* ``L_S`` - inductive term: per support example an MLP on ``[logits (N), one-hot label (N),
+  CE (1)]``, averaged over the support set;
+* ``L_Q`` - transductive term: per query example an MLP on ``[logits (N), relation scores r (N),
+  CE(logits, argmax r) (1)]``, averaged over the query set. ``r`` comes from a frozen, separately
+  pre-trained relation network (:mod:`npbml.relation`); query *labels* are never an input. It has
+  its own weights (the reference code reuses the inductive network by mistake; we do not);
+* ``R``   - weight regulariser: an MLP on ``(mean, std, L1 norm, L2 norm)`` of each adapted
+  tensor (4 values per tensor), averaged over the tensors.
+
+Each MLP is ``in -> 40 -> 40 -> 1`` with ReLU hidden units and a smooth leaky ReLU output
+``phi(x) = g x + (1 - g) softplus_b(x)`` (g = 0.25, b = 5); every linear layer is FiLM-modulated
+by its own input (``psi``); all weights start ~ N(0, 0.01) (read as the standard deviation),
+biases at 0.
+
+"M ~ CE at initialisation". ``phi(0) = (1 - g) log(2) / b ~= 0.104 != 0``, so with all loss
+weights exactly zero each term would add that constant. We subtract it (``center_output=True``,
+default): every term is ``phi(z) - phi(0)``, so that with zero-initialised loss networks ``M``
+equals CE exactly *in value*; its gradient w.r.t. the model equals CE's gradient whether or not
+the offset is removed (a constant has no gradient), so the offset changes nothing in training.
+With the default N(0, 0.01) init, ``M`` is CE plus a small perturbation (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npbml.activations import smooth_leaky_relu
+from npbml.film import FiLMLinear
+
+#: Names of the switchable terms, in the order of METHODS.md.
+TERMS = ("ce", "support", "query", "reg")
+
+
+class LossMLP(nn.Module):
+    """``in -> hidden -> hidden -> 1`` MLP of NPBML's loss terms, applied over the last dim.
+
+    ReLU hidden activations, smooth leaky ReLU output (``gamma``, ``beta``), every linear layer a
+    :class:`~npbml.film.FiLMLinear` (self-modulated) unless ``film=False``. With
+    ``center_output`` the output is ``phi(z) - phi(0)`` (see the module docstring).
+    Input ``[..., in_features]``, output ``[...]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int = 40,
+        film: bool = True,
+        init_std: float = 0.01,
+        gamma: float = 0.25,
+        beta: float = 5.0,
+        center_output: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or hidden <= 0:
+            raise ValueError(f"LossMLP needs positive sizes, got in={in_features} hidden={hidden}")
+        self.in_features = int(in_features)
+        self.layers = nn.ModuleList(
+            [
+                FiLMLinear(in_features, hidden, init_std, film),
+                FiLMLinear(hidden, hidden, init_std, film),
+                FiLMLinear(hidden, 1, init_std, film),
+            ]
+        )
+        self.gamma, self.beta = float(gamma), float(beta)
+        # phi(0) = (1 - g) * log(2) / b: the output of an all-zero network.
+        self.offset = (1.0 - self.gamma) * math.log(2.0) / self.beta if center_output else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"LossMLP expects {self.in_features} input features, got shape {tuple(x.shape)}"
+            )
+        h = torch.relu(self.layers[0](x))
+        h = torch.relu(self.layers[1](h))
+        z = self.layers[2](h).squeeze(-1)
+        return smooth_leaky_relu(z, self.gamma, self.beta) - self.offset
+
+
+def weight_statistics(
+    params: Mapping[str, torch.Tensor] | list[torch.Tensor],
+    normalize: bool = False,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """``[T, 4]``: (mean, std, L1 norm, L2 norm) of each tensor, R's input (METHODS.md sec. 3).
+
+    The std is the population std (correction 0; a 1-element tensor is fine) and std and L2 use
+    ``sqrt(. + eps)``: the plain formulas have a 0/0 (NaN) gradient at constant or zero tensors,
+    which occur at init (zero biases, a head expanded from one row). With ``normalize`` the
+    norms are divided by ``numel`` / ``sqrt(numel)`` (mean |w|, RMS) so that wide layers do not
+    dominate; the paper's R uses raw norms (default).
+    """
+    tensors = list(params.values()) if isinstance(params, Mapping) else list(params)
+    if not tensors:
+        raise ValueError("the weight regulariser R needs at least one adapted tensor")
+    rows = []
+    for t in tensors:
+        flat = t.reshape(-1)
+        mean = flat.mean()
+        std = ((flat - mean).pow(2).mean() + eps).sqrt()
+        l1 = flat.abs().sum()
+        l2 = (flat.pow(2).sum() + eps).sqrt()
+        if normalize:
+            n = flat.numel()
+            l1, l2 = l1 / n, l2 / math.sqrt(n)
+        rows.append(torch.stack([mean, std, l1, l2]))
+    return torch.stack(rows)
+
+
+class TaskAdaptiveLoss(nn.Module):
+    """NPBML's learned inner loss ``M = CE + L_S + L_Q + R`` with every term switchable.
+
+    Args:
+        num_classes: ways ``N`` of the episodes (the MLP input widths depend on it).
+        use_ce, use_support, use_query, use_reg: include ``CE``, ``L_S``, ``L_Q``, ``R``
+            (paper Table 4: "CE only" is ``use_ce`` alone).
+        hidden: hidden width of every loss MLP (40).
+        film: FiLM-modulate every loss-MLP layer by its own input.
+        init_std: std of the initial weights (0.01; 0 gives ``M == CE`` exactly).
+        center_output: subtract ``phi(0)`` from each MLP output (see module docstring).
+        reg_normalize: R reads mean-|w| and RMS instead of raw L1/L2 norms.
+
+    Call ``M(logits, targets, params=..., query_logits=..., relation_scores=...)``:
+    ``logits [S, N]`` support logits, ``targets [S]`` support labels, ``params`` the adapted
+    tensors (for ``R``), ``query_logits [Q, N]`` and ``relation_scores [Q, N]`` (for ``L_Q``).
+    Other keyword arguments of the inner-loss protocol (:mod:`npbml.inner.losses`) are accepted
+    and ignored, except that with ``query_logits`` missing it computes them as
+    ``learner(query_x, params)`` when both are given. In another learner's inner loop bind the
+    relation scores with ``functools.partial(M, relation_scores=r)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        use_ce: bool = True,
+        use_support: bool = True,
+        use_query: bool = True,
+        use_reg: bool = True,
+        hidden: int = 40,
+        film: bool = True,
+        init_std: float = 0.01,
+        center_output: bool = True,
+        reg_normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"TaskAdaptiveLoss needs num_classes >= 2, got {num_classes}")
+        if not (use_ce or use_support or use_query or use_reg):
+            raise ValueError("TaskAdaptiveLoss: every term is switched off; enable at least one")
+        self.num_classes = int(num_classes)
+        self.use_ce = bool(use_ce)
+        self.reg_normalize = bool(reg_normalize)
+        kw = dict(hidden=hidden, film=film, init_std=init_std, center_output=center_output)
+        n = self.num_classes
+        self.support_net = LossMLP(2 * n + 1, **kw) if use_support else None
+        self.query_net = LossMLP(2 * n + 1, **kw) if use_query else None
+        self.reg_net = LossMLP(4, **kw) if use_reg else None
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The enabled terms, among ``("ce", "support", "query", "reg")``."""
+        on = (self.use_ce, self.support_net, self.query_net, self.reg_net)
+        return tuple(t for t, flag in zip(TERMS, on) if flag is not None and flag is not False)
+
+    @property
+    def needs_query(self) -> bool:
+        """True when ``L_Q`` is on (the inner loop then needs query inputs and relation scores)."""
+        return self.query_net is not None
+
+    def _check_logits(self, logits: torch.Tensor, what: str) -> None:
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"TaskAdaptiveLoss({self.num_classes}-way) expects {what} of shape "
+                f"[batch, {self.num_classes}], got {tuple(logits.shape)}"
+            )
+
+    def support_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``L_S``: mean over support examples of MLP([logits, one-hot y, CE])."""
+        onehot = F.one_hot(targets, self.num_classes).to(logits.dtype)
+        ce = F.cross_entropy(logits, targets, reduction="none").unsqueeze(-1)
+        return self.support_net(torch.cat([logits, onehot, ce], dim=-1)).mean()
+
+    def query_term(self, query_logits: torch.Tensor, relation_scores: torch.Tensor) -> torch.Tensor:
+        """``L_Q``: mean over query examples of MLP([logits, r, CE(logits, argmax r)])."""
+        if relation_scores.shape != query_logits.shape:
+            raise ValueError(
+                f"relation_scores {tuple(relation_scores.shape)} must match the query logits "
+                f"{tuple(query_logits.shape)} ([queries, ways])"
+            )
+        r = relation_scores.detach().to(query_logits.dtype)  # the relation network is frozen
+        pseudo = r.argmax(-1)
+        ce = F.cross_entropy(query_logits, pseudo, reduction="none").unsqueeze(-1)
+        return self.query_net(torch.cat([query_logits, r, ce], dim=-1)).mean()
+
+    def reg_term(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``R``: mean over adapted tensors of MLP(mean, std, L1, L2)."""
+        return self.reg_net(weight_statistics(params, self.reg_normalize)).mean()
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        params: Mapping[str, torch.Tensor] | None = None,
+        query_logits: torch.Tensor | None = None,
+        relation_scores: torch.Tensor | None = None,
+        query_x: torch.Tensor | None = None,
+        learner=None,
+        **unused,
+    ) -> torch.Tensor:
+        """``M`` on one episode (see the class docstring for the arguments)."""
+        self._check_logits(logits, "support logits")
+        loss = logits.new_zeros(())
+        if self.use_ce:
+            loss = loss + F.cross_entropy(logits, targets)
+        if self.support_net is not None:
+            loss = loss + self.support_term(logits, targets)
+        if self.query_net is not None:
+            if query_logits is None and query_x is not None and learner is not None:
+                query_logits = learner(query_x, params)
+            if query_logits is None or relation_scores is None:
+                raise ValueError(
+                    "the transductive term L_Q needs query_logits (or query_x and learner) and "
+                    "relation_scores from a frozen RelationNetwork; pass them or build the loss "
+                    "with use_query=False"
+                )
+            self._check_logits(query_logits, "query logits")
+            loss = loss + self.query_term(query_logits, relation_scores)
+        if self.reg_net is not None:
+            if not params:
+                raise ValueError(
+                    "the weight regulariser R needs params= (the adapted tensors); pass them or "
+                    "build the loss with use_reg=False"
+                )
+            loss = loss + self.reg_term(params)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, terms={self.terms}"

@@ -1,0 +1,69 @@
+"""Warp preconditioning layers: NPBML's meta-learned optimizer omega (T-Net / WarpGrad style).
+
+NPBML (Raymond et al., arXiv 2406.07983; METHODS.md sec. 3) meta-learns a gradient preconditioner
+``P(omega, psi)`` in the inner rule
+
+    theta_{j+1} = theta_j - alpha * P(omega, psi) * grad_theta M(theta_j).
+
+Following T-Net (Lee & Choi, ICML 2018) and WarpGrad (Flennerhag et al., ICLR 2020), ``P`` is not
+applied to gradients explicitly: linear *warp* layers are interleaved with the adapted layers in
+the forward pass, are meta-learned only (the inner loop never updates them), and thereby
+precondition the gradients of the layers before them.
+
+Why a warp preconditions. Let a task layer produce ``h = W x`` and the warp ``z = Omega h``
+(Omega linear, fixed in the inner loop). Then ``dL/dW = Omega^T (dL/dz) x^T``, and the SGD step
+``W' = W - alpha dL/dW`` changes the warped output by
+``Omega dW x = -alpha (Omega Omega^T) (dL/dz) (x^T x)``: a step along the output-space gradient
+preconditioned by ``Omega Omega^T``. A 3x3 convolution acting on channels is block-diagonal over
+spatial positions, so the induced preconditioner is block-diagonal too. With ``Omega = I``
+(``torch.nn.init.dirac_``) the update is exactly plain SGD; the tests check this.
+
+The warp here is a conv3x3 ``C -> C`` with no bias and no nonlinearity, optionally FiLM-modulated
+(``FiLM(Omega h; GAP(h))``) so the preconditioner is task-adaptive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npbml.film import FiLMGenerator, global_context
+
+
+class WarpLayer(nn.Module):
+    """One warp layer: ``z = FiLM(conv3x3(h); GAP(h))`` with a Dirac (identity) initial kernel.
+
+    Args:
+        channels: number of channels ``C`` of the activation it warps (``C -> C``).
+        film: FiLM-modulate the warp output (generator reads the pooled warp input).
+        film_init_std: std of the FiLM generator's initial weights (0 -> exact identity).
+        kernel_size: odd kernel size (3 in NPBML).
+    """
+
+    def __init__(
+        self, channels: int, film: bool = True, film_init_std: float = 0.01, kernel_size: int = 3
+    ) -> None:
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"WarpLayer needs a positive channel count, got {channels}")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"WarpLayer kernel_size must be odd, got {kernel_size}")
+        self.channels = int(channels)
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=False)
+        nn.init.dirac_(self.conv.weight)
+        self.film = FiLMGenerator(channels, channels, film_init_std) if film else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 4 or h.shape[1] != self.channels:
+            raise ValueError(
+                f"WarpLayer({self.channels}) expects activations [B, {self.channels}, H, W], got "
+                f"{tuple(h.shape)}; place warps after conv blocks with that many channels"
+            )
+        z = F.conv2d(h, self.conv.weight, padding=self.conv.padding)
+        if self.film is not None:
+            z = self.film.modulate(z, global_context(h))
+        return z
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, film={self.film is not None}"

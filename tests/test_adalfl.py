@@ -1,0 +1,146 @@
+"""AdaLFL: exact base update, meta-gradient vs finite differences, non-finite guard."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from npbml.inner import InnerSGD
+from npbml.loss_learning import AdaLFL, adalfl_meta_loss, default_meta_objective
+from npbml.losses import LearnedLoss
+
+
+def _data(n: int = 8, d: int = 3, c: int = 3, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add overhead (and contention on shared CI cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_base_update_matches_torch_sgd_nesterov_weight_decay():
+    # With a frozen loss network (meta_lr=0) AdaLFL's base steps are exactly torch.optim.SGD's.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    loss_net = LearnedLoss(hidden=(6, 6))
+    reference = copy.deepcopy(model)
+    adalfl = AdaLFL(model, loss_net, base_lr=0.1, meta_lr=0.0)
+    sgd = torch.optim.SGD(
+        reference.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    batches = [_data(seed=s) for s in range(5)]
+    for t in range(4):
+        adalfl.step(batches[t], batches[t + 1])
+        sgd.zero_grad()
+        loss_net(reference(batches[t][0]), batches[t][1]).backward()
+        sgd.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert p.grad_fn is None and p.is_leaf
+
+
+def test_meta_gradient_matches_finite_differences():
+    # One online step, float64, starting from a non-empty momentum buffer so the unrolled
+    # momentum and weight decay enter the meta-gradient.
+    torch.manual_seed(1)
+    model = nn.Linear(3, 3).double()
+    loss_net = LearnedLoss(hidden=(4, 4), output_activation="softplus").double()
+    opt = InnerSGD(lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    state = {k: 0.1 * torch.randn_like(v) for k, v in params.items()}
+    batch, meta_batch = _data(seed=3, dtype=torch.float64), _data(seed=4, dtype=torch.float64)
+    objective = default_meta_objective("classification")
+    phi = {k: v.detach().clone().requires_grad_() for k, v in loss_net.named_parameters()}
+
+    def f(phi_values):
+        meta, *_ = adalfl_meta_loss(
+            model, loss_net, params, batch, meta_batch, opt, state, objective, phi_values
+        )
+        return meta
+
+    grads = torch.autograd.grad(f(phi), list(phi.values()))
+    eps = 1e-6
+    for (name, value), g in zip(phi.items(), grads):
+        fd = torch.zeros_like(value)
+        for i in range(value.numel()):
+            plus = {k: v.detach().clone() for k, v in phi.items()}
+            minus = {k: v.detach().clone() for k, v in phi.items()}
+            plus[name].view(-1)[i] += eps
+            minus[name].view(-1)[i] -= eps
+            fd.view(-1)[i] = (f(plus) - f(minus)) / (2 * eps)
+        torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-8, msg=name)
+    assert any(g.abs().max() > 1e-6 for g in grads)
+
+
+def test_step_updates_loss_network_and_reduces_meta_loss_on_fixed_batch():
+    torch.manual_seed(2)
+    model = nn.Linear(3, 3)
+    loss_net = LearnedLoss(hidden=(8, 8))
+    before = [p.detach().clone() for p in loss_net.parameters()]
+    adalfl = AdaLFL(model, loss_net, base_lr=0.1, meta_lr=1e-2)
+    batch = _data(seed=5)
+    base, meta = adalfl.step(batch, batch)
+    assert not adalfl.last_step.skipped and base > 0 and meta > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, loss_net.parameters()))
+
+
+def test_non_finite_loss_is_skipped_and_loss_network_rolled_back(caplog):
+    torch.manual_seed(3)
+    model = nn.Linear(3, 3)
+    loss_net = LearnedLoss(hidden=(5, 5))
+    adalfl = AdaLFL(model, loss_net, base_lr=0.1, meta_lr=1e-2)
+    b0, b1, b2 = _data(seed=0), _data(seed=1), _data(seed=2)
+    adalfl.step(b0, b1)  # a good step: its phi become the rollback point
+    good_phi = adalfl.state_dict()["last_good"]
+    model_before = [p.detach().clone() for p in model.parameters()]
+    momentum_before = {k: v.clone() for k, v in adalfl.opt_state.items()}
+    with torch.no_grad():
+        loss_net.layers[1].weight[0, 0] = float("inf")  # injected corruption
+    with caplog.at_level(logging.WARNING, logger="npbml.loss_learning.adalfl"):
+        adalfl.step(b1, b2)
+    assert adalfl.last_step.skipped and adalfl.skipped_steps == 1
+    assert "non-finite" in caplog.text
+    for p, q in zip(model.parameters(), model_before):
+        assert torch.equal(p, q)  # the model was not touched
+    for k, v in adalfl.opt_state.items():
+        assert torch.equal(v, momentum_before[k])
+    for k, p in loss_net.named_parameters():
+        assert torch.equal(p, good_phi[k])  # reset to the last good state
+    base, meta = adalfl.step(b1, b2)  # and training goes on
+    assert not adalfl.last_step.skipped and torch.isfinite(torch.tensor([base, meta])).all()
+
+
+def test_offline_init_leaves_model_untouched_and_changes_phi():
+    torch.manual_seed(4)
+    model = nn.Linear(3, 3)
+    loss_net = LearnedLoss(hidden=(6, 6))
+    adalfl = AdaLFL(model, loss_net, base_lr=0.1, meta_lr=1e-2)
+    w = model.weight.detach().clone()
+    phi = loss_net.layers[0].weight.detach().clone()
+    pairs = ((_data(seed=s), _data(seed=s + 100)) for s in range(100))
+    history = adalfl.offline_init(pairs, steps=5)
+    assert len(history) == 5
+    assert torch.equal(model.weight, w)
+    assert not torch.equal(loss_net.layers[0].weight, phi)
+
+
+def test_validation_meta_batches_and_errors():
+    model = nn.Linear(3, 3)
+    val = [_data(seed=9)]
+    adalfl = AdaLFL(
+        model, LearnedLoss(hidden=(4,)), meta_batch="validation", validation_batches=val
+    )
+    steps = adalfl.train_epoch([_data(seed=s) for s in range(3)])
+    assert len(steps) == 3 and adalfl.steps == 3
+    with pytest.raises(ValueError, match="needs a meta batch"):
+        AdaLFL(model, LearnedLoss(hidden=(4,))).step(_data())
+    with pytest.raises(ValueError, match="meta_batch must be one of"):
+        AdaLFL(model, LearnedLoss(hidden=(4,)), meta_batch="test")

@@ -1,0 +1,256 @@
+"""The ``npbml`` command line: train -> eval round trip, demo, bad input gives exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from npbml import cli
+from npbml.checkpoint import load_checkpoint
+
+TINY = {
+    "data": {
+        "name": "glyphs",
+        "ways": 3,
+        "shots": 1,
+        "queries": 2,
+        "options": {
+            "num_train": 12,
+            "num_validation": 6,
+            "num_test": 6,
+            "images_per_class": 4,
+            "image_size": 16,
+        },
+    },
+    "model": {"name": "conv4", "options": {"hidden": 4, "variant": "strided"}},
+    "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 2},
+    "train": {
+        "meta_batch_size": 2,
+        "meta_steps": 4,
+        "val_every": 2,
+        "val_tasks": 3,
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "threads": 1,
+    },
+    "eval": {"tasks": 5},
+}
+
+# The demo with a glyph family small enough for a test.
+DEMO_SMALL = [
+    "--set",
+    "data.options={num_train: 12, num_validation: 6, num_test: 6, images_per_class: 4, "
+    "image_size: 16}",
+    "--set",
+    "data.queries=2",
+    "--set",
+    "data.test_queries=2",
+    "--set",
+    "model.options={hidden: 4, variant: strided}",
+    "--set",
+    "train.val_every=2",
+    "--set",
+    "train.val_tasks=2",
+    "--set",
+    "train.threads=1",
+]
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg = d / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = d / "run"
+    assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("npbml: error: ")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_train_then_eval_json(trained_run, capsys):
+    assert load_checkpoint(trained_run / "last.pt")["step"] == 4
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(trained_run), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tasks"] == 5 and res["split"] == "test" and res["ways"] == 3
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["ci95"] >= 0.0
+    assert res["checkpoint"].endswith("best.pt")
+    # Fixed test episodes: evaluating again gives the same numbers.
+    assert cli.main(["eval", "--checkpoint", str(trained_run), "--json", "--tasks", "5"]) == 0
+    assert json.loads(capsys.readouterr().out) == res
+
+
+def test_eval_text_output_and_split(trained_run, capsys):
+    args = ["eval", "--checkpoint", str(trained_run / "last.pt"), "--tasks", "3"]
+    assert cli.main([*args, "--split", "validation"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("validation accuracy ") and "(95% CI, 3 tasks)" in out
+    assert "maml on glyphs 3-way 1-shot" in out
+
+
+def test_train_overrides_and_pause(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--set", "train.meta_steps=3", "--max-steps", "1"]) == 0
+    assert "paused at step 1/3" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["meta_steps"] == 3
+    assert cli.main([*argv, "--set", "train.meta_steps=3"]) == 0
+    assert "finished at step 3/3" in capsys.readouterr().out
+
+
+def test_demo_runs_and_reports(tmp_path, capsys):
+    argv = ["demo", "--minutes", "0.02", "--out", str(tmp_path), "--tasks", "4", "--json"]
+    assert cli.main([*argv, *DEMO_SMALL]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert [r["method"] for r in res] == [run.label for run in cli.DEMO_RUNS]
+    for r in res:
+        assert r["tasks"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["meta_steps"] >= 1
+        assert r["config"]["data"]["name"] == "glyphs"
+
+
+def test_demo_configs_validate():
+    for run in cli.DEMO_RUNS:
+        cfg = cli.demo_config(run)
+        assert cfg.data.name == "glyphs"  # the demo needs no downloaded data
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code = cli.main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)])
+    assert code == 2
+    assert "nope.yaml' not found" in _error_line(capsys)
+
+
+def test_unknown_key_lists_valid_keys(tiny_yaml, tmp_path, capsys):
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(tmp_path / "r")]
+    assert cli.main([*argv, "--set", "train.metasteps=3"]) == 2
+    err = _error_line(capsys)
+    assert "unknown key 'metasteps' in section 'train'" in err and "meta_steps" in err
+
+
+def test_missing_dataset(tiny_yaml, tmp_path, capsys):
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(tmp_path / "r"), "--quiet"]
+    overrides = ["--set", "data.name=omniglot", "--set", f"data.root={tmp_path / 'no-data'}"]
+    overrides += ["--set", "data.options={}"]
+    assert cli.main([*argv, *overrides]) == 2
+    assert "no-data" in _error_line(capsys)
+
+
+def test_bad_dataset_option(tiny_yaml, tmp_path, capsys):
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(tmp_path / "r"), "--quiet"]
+    assert cli.main([*argv, "--set", "data.options.colour=red"]) == 2
+    assert "colour" in _error_line(capsys)
+
+
+def test_eval_without_checkpoint(tmp_path, capsys):
+    assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "has no best.pt" in _error_line(capsys)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "not found" in _error_line(capsys)
+
+
+def test_eval_lake_needs_a_20_way_model(trained_run, tmp_path, capsys):
+    argv = ["eval-lake", "--checkpoint", str(trained_run), "--runs", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "20-way" in _error_line(capsys)
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--out", "x"])  # --config missing
+    assert e.value.code == 2
+
+
+def test_subcommands_are_extensible(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", dict(cli._SUBCOMMANDS))
+
+    def args(p):
+        p.add_argument("--n", type=int, default=1)
+
+    @cli.subcommand("hello", "say hello", args)
+    def hello(ns):
+        print("hello" * ns.n)
+        return 3
+
+    assert cli.main(["hello", "--n", "2"]) == 3
+    assert capsys.readouterr().out == "hellohello\n"
+    with pytest.raises(ValueError, match="already registered"):
+        cli.subcommand("hello", "again")(hello)
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "npbml", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0
+    for name in ("train", "eval", "eval-lake", "demo"):
+        assert name in out.stdout
+
+
+def _write_lake_runs(root, runs=20, ways=20, size=16):
+    """A fake all_runs folder in Lake et al.'s layout; item i of a run is a copy of class i."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for r in range(1, runs + 1):
+        run = root / f"run{r:02d}"
+        (run / "training").mkdir(parents=True)
+        (run / "test").mkdir()
+        lines = []
+        for c in range(1, ways + 1):
+            img = Image.fromarray((rng.random((size, size)) > 0.2).astype(np.uint8) * 255)
+            img.save(run / "training" / f"class{c:02d}.png")
+            img.save(run / "test" / f"item{c:02d}.png")
+            lines.append(f"run{r:02d}/test/item{c:02d}.png run{r:02d}/training/class{c:02d}.png")
+        (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_eval_lake_on_a_20_way_checkpoint(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "run20"
+    overrides = [
+        "--set",
+        "data.ways=20",
+        "--set",
+        "train.meta_steps=1",
+        "--set",
+        "train.val_every=1",
+    ]
+    overrides += ["--set", "data.options.num_train=20", "--set", "data.options.num_validation=20"]
+    overrides += ["--set", "data.options.num_test=20", "--set", "train.meta_batch_size=1"]
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(out), "--quiet", *overrides]
+    assert cli.main(argv) == 0
+    runs = tmp_path / "lake"
+    _write_lake_runs(runs)
+    capsys.readouterr()
+    assert cli.main(["eval-lake", "--checkpoint", str(out), "--runs", str(runs), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["items"], res["runs"], len(res["per_run_errors"])) == (400, 20, 20)
+    assert res["error_rate"] == pytest.approx(res["errors"] / 400)
+    assert cli.main(["eval-lake", "--checkpoint", str(out), "--runs", str(tmp_path / "none")]) == 2
+    assert "not found" in _error_line(capsys)
+
+
+def test_train_default_out_dir(tiny_yaml, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", str(tiny_yaml), "--quiet", "--max-steps", "1"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "last.pt").is_file()

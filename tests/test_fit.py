@@ -1,0 +1,166 @@
+"""Ordinary supervised training: config validation, learning, exact resume, AdaLFL, Omniglot."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from npbml.config import ConfigError
+from npbml.fit import fit, fit_config_from_dict, split_arrays, split_class_dataset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    """Three Gaussian blobs in 5-D (linearly separable), saved as an .npz."""
+    g = np.random.default_rng(0)
+    centres = g.normal(size=(3, 5)) * 3
+    y = g.integers(0, 3, 300)
+    x = centres[y] + g.normal(size=(300, 5)) * 0.5
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x=x.astype(np.float32), y=y)
+    return str(path)
+
+
+def _cfg(path, **loss):
+    return {
+        "data": {"kind": "arrays", "path": path},
+        "model": {"name": "mlp", "hidden": [16]},
+        "optim": {"lr": 0.05, "schedule": "cosine"},
+        "loss": loss or {"name": "ce"},
+        "train": {"epochs": 3, "batch_size": 32, "progress": False, "checkpoint_every": 4},
+    }
+
+
+def test_config_rejects_unknown_keys_and_bad_combinations(blobs):
+    with pytest.raises(ConfigError, match="unknown key 'lr_rate'"):
+        fit_config_from_dict({"optim": {"lr_rate": 0.1}})
+    with pytest.raises(ConfigError, match="optim.name='sgd'"):
+        fit_config_from_dict({"loss": {"name": "adalfl"}, "optim": {"name": "adam"}})
+    with pytest.raises(ConfigError, match="loss.checkpoint"):
+        fit_config_from_dict({"loss": {"name": "learned"}})
+    with pytest.raises(ConfigError, match="data.path"):
+        fit_config_from_dict({"data": {"kind": "arrays"}})
+
+
+@pytest.mark.parametrize("loss", [{"name": "ce"}, {"name": "sparse_lsr", "smoothing": 0.1}])
+def test_fit_learns_and_writes_metrics(blobs, tmp_path, loss):
+    final = fit(_cfg(blobs, **loss), tmp_path / "run")
+    assert final["test_acc"] > 0.9  # separable blobs; chance is 1/3
+    records = [json.loads(s) for s in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records[:-1]] == [1, 2, 3] and records[-1]["final"]
+    assert records[0]["lr"] > records[-2]["lr"]  # cosine schedule
+    assert (tmp_path / "run/last.pt").exists() and (tmp_path / "run/best.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"name": "ce"},
+        {"name": "adalfl", "offline_steps": 2},
+        {"name": "adalfl", "meta_batch": "validation"},
+    ],
+)
+def test_killed_run_resumes_exactly(blobs, tmp_path, loss):
+    cfg = _cfg(blobs, **loss)
+    full = fit(cfg, tmp_path / "full")
+    # Killed at step 11: the last checkpoint is step 8 (checkpoint_every=4), steps 9-11 are lost.
+    assert fit(cfg, tmp_path / "killed", stop_after=11) == {"stopped_at": 11}
+    resumed = fit(cfg, tmp_path / "killed")
+    assert resumed == full
+    a = torch.load(tmp_path / "full/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed/last.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "killed/metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(s).items() if k != "time"} for s in ma]
+    assert strip == [{k: v for k, v in json.loads(s).items() if k != "time"} for s in mb]
+
+
+def test_resume_refuses_a_different_config(blobs, tmp_path):
+    cfg = _cfg(blobs)
+    fit(cfg, tmp_path / "run", stop_after=4)
+    cfg["optim"]["lr"] = 0.1
+    with pytest.raises(ConfigError, match="different config"):
+        fit(cfg, tmp_path / "run")
+    assert "final" in fit(cfg, tmp_path / "run", resume=False)
+
+
+def test_adalfl_fit_validation_meta_batches(blobs, tmp_path):
+    cfg = _cfg(blobs, name="adalfl", meta_batch="validation", meta_lr=1e-2)
+    cfg["train"]["epochs"] = 5
+    final = fit(cfg, tmp_path / "run")
+    assert final["test_acc"] > 0.6
+    assert (tmp_path / "run/loss_net.pt").exists()
+    assert len(list((tmp_path / "run/loss_snapshots").glob("step*.pt"))) == 5
+    pytest.importorskip("matplotlib")
+    from npbml.plots import plot_run
+
+    png = plot_run(tmp_path / "run")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_regression_arrays(tmp_path):
+    g = np.random.default_rng(1)
+    x = g.normal(size=(200, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5])).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=y)
+    cfg = {
+        "data": {"kind": "arrays", "path": str(tmp_path / "reg.npz"), "task": "regression"},
+        "model": {"name": "mlp", "hidden": [16]},
+        "optim": {"lr": 0.02},
+        "train": {"epochs": 10, "batch_size": 32, "progress": False},
+    }
+    final = fit(cfg, tmp_path / "run")
+    assert final["test_loss"] < 0.5 * float(np.var(y))
+
+
+def test_split_helpers():
+    from tasks.dataset import TensorClassDataset
+
+    data = torch.arange(4 * 6, dtype=torch.uint8).reshape(24, 1, 1, 1)
+    ds = TensorClassDataset(data, [np.arange(6 * c, 6 * c + 6) for c in range(4)])
+    d = split_class_dataset(ds, 1, 2, seed=0)
+    assert len(d.train[0]) == 12 and len(d.val[0]) == 4 and len(d.test[0]) == 8
+    seen = torch.cat([d.train[0], d.val[0], d.test[0]]).flatten().mul(255).round().long()
+    assert sorted(seen.tolist()) == list(range(24))  # disjoint and complete
+    with pytest.raises(ValueError, match="too few"):
+        split_class_dataset(ds, 3, 3, seed=0)
+    with pytest.raises(ValueError, match="integers"):
+        split_arrays(np.zeros((4, 2)), np.zeros(4), "classification", 0.25, 0.25, 0)
+
+
+def test_omniglot_minimal_splits_all_characters(omniglot_root, tmp_path):
+    from npbml.fit import FitDataConfig, _omniglot
+
+    ds = _omniglot(FitDataConfig(root=str(omniglot_root), image_size=28))
+    assert ds.num_classes == 242  # 136 + 156 characters, Greek and Latin counted once
+    names = [ds.class_name(c) for c in range(ds.num_classes)]
+    assert len(set(names)) == 242
+
+
+def test_cli_fit_subcommand(blobs, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from npbml import cli
+
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", [*cli.SUBCOMMAND_MODULES, "npbml.fit"])
+    cfg_path = tmp_path / "fit.yaml"
+    cfg_path.write_text(yaml.safe_dump(_cfg(blobs)))
+    out = tmp_path / "run"
+    code = cli.main(
+        ["fit", "--config", str(cfg_path), "--out", str(out), "--set", "train.epochs=1"]
+    )
+    assert code in (0, None)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"]
+    assert cli.main(["fit", "--config", str(cfg_path), "--out", str(out), "--set", "optim.lrr=1"])
+    assert "unknown key 'lrr'" in capsys.readouterr().err

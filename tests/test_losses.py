@@ -1,0 +1,127 @@
+"""Common loss interface, registry, CrossEntropy wrapper and the learned loss network."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from npbml.activations import smooth_leaky_relu
+from npbml.losses import (
+    CrossEntropy,
+    LabelSmoothingCE,
+    LearnedLoss,
+    LossFn,
+    SparseLSR,
+    all_finite,
+    build_loss,
+    restore_parameters,
+    snapshot_parameters,
+)
+
+
+def test_registry_builds_every_loss_and_rejects_unknown():
+    assert isinstance(build_loss("ce"), CrossEntropy)
+    assert isinstance(build_loss("label_smoothing", smoothing=0.2), LabelSmoothingCE)
+    assert isinstance(build_loss("sparse_lsr", smoothing=0.2), SparseLSR)
+    assert isinstance(build_loss("learned", output_activation="none"), LearnedLoss)
+    z, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    for name in ("ce", "label_smoothing", "sparse_lsr", "learned"):
+        loss = build_loss(name)
+        assert isinstance(loss, LossFn)
+        assert loss(z, t).shape == ()
+    with pytest.raises(ValueError, match="unknown loss 'mse'"):
+        build_loss("mse")
+    with pytest.raises(TypeError, match="bad arguments for loss 'ce'"):
+        build_loss("ce", smoothing=0.1)
+
+
+def test_cross_entropy_wrapper():
+    z, t = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    torch.testing.assert_close(CrossEntropy()(z, t), F.cross_entropy(z, t))
+    torch.testing.assert_close(CrossEntropy("none")(z, t), F.cross_entropy(z, t, reduction="none"))
+    with pytest.raises(ValueError, match="does not match"):
+        CrossEntropy()(z, t[:3])
+
+
+def _per_class_loop(net: LearnedLoss, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Independent evaluation: one class at a time, weights applied by hand."""
+    ws = [layer.weight for layer in net.layers]
+    total = torch.zeros(p.shape[0], dtype=p.dtype)
+    for c in range(p.shape[1]):
+        h = torch.stack((p[:, c], y[:, c]), -1)
+        for i, w in enumerate(ws):
+            h = h @ w.T
+            if i < len(ws) - 1:
+                h = smooth_leaky_relu(h)
+        if net.output_activation == "softplus":
+            h = F.softplus(h)
+        total = total + h[:, 0]
+    return total.mean()
+
+
+@pytest.mark.parametrize("out", ["softplus", "none"])
+def test_learned_loss_matches_per_class_loop(out):
+    torch.manual_seed(0)
+    net = LearnedLoss(output_activation=out).double()
+    z, t = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 7, (5,))
+    expected = _per_class_loop(net, torch.softmax(z, -1), F.one_hot(t, 7).double())
+    torch.testing.assert_close(net(z, t), expected)
+    # Probability targets give the same result as the equivalent class indices.
+    torch.testing.assert_close(net(z, F.one_hot(t, 7).double()), expected)
+
+
+def test_learned_loss_structure_and_nonnegativity():
+    net = LearnedLoss()
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(50, 2), (50, 50), (1, 50)]  # 2 -> 50 -> 50 -> 1, no biases
+    z = torch.randn(32, 10) * 10
+    assert bool((net.per_class(z, torch.randint(0, 10, (32,))) >= 0).all())
+
+
+def test_learned_loss_regression_form():
+    torch.manual_seed(1)
+    net = LearnedLoss(task="regression", hidden=(8,)).double()
+    yh, y = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    expected = _per_class_loop(net, yh, y)
+    torch.testing.assert_close(net(yh, y), expected)
+    torch.testing.assert_close(net(yh[:, 0], y[:, 0]), expected)  # [N] vectors accepted
+    with pytest.raises(ValueError, match="same number of elements"):
+        net(yh, y[:3])
+
+
+def test_learned_loss_functional_call_with_meta_parameters():
+    torch.manual_seed(2)
+    net = LearnedLoss(init_std=0.1)
+    phi = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    scaled = {k: 2.0 * v for k, v in phi.items()}  # non-leaf tensors, as in meta-learning
+    z = torch.randn(4, 3, requires_grad=True)
+    t = torch.randint(0, 3, (4,))
+    loss = functional_call(net, scaled, (z, t))
+    (gz,) = torch.autograd.grad(loss, z, create_graph=True)
+    grads = torch.autograd.grad(gz.square().sum(), list(phi.values()))
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        for k, p in net.named_parameters():
+            p.copy_(scaled[k])
+    torch.testing.assert_close(net(z, t), loss)
+
+
+def test_learned_loss_bad_arguments():
+    with pytest.raises(ValueError, match="output_activation"):
+        LearnedLoss(output_activation="relu")
+    with pytest.raises(ValueError, match="task"):
+        LearnedLoss(task="ranking")
+    with pytest.raises(ValueError, match="target distribution"):
+        LearnedLoss()(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_guard_helpers_roll_back_parameters():
+    net = LearnedLoss(hidden=(3,))
+    snap = snapshot_parameters(net)
+    with torch.no_grad():
+        net.layers[0].weight.fill_(float("nan"))
+    assert not all_finite(*net.parameters())
+    restore_parameters(net, snap)
+    assert all_finite(*net.parameters(), None)
+    torch.testing.assert_close(net.layers[0].weight, snap["layers.0.weight"])

@@ -1,0 +1,101 @@
+"""ML3 offline loss learning, including the sinusoid regression showcase."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from npbml.loss_learning import ML3, model_params
+from npbml.loss_learning.ml3_sinusoid import (
+    SineModel,
+    SinusoidTask,
+    evaluate_loss_on_new_tasks,
+    meta_train_sinusoid_loss,
+    shaped_objective,
+)
+from npbml.losses import LearnedLoss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add overhead (and contention on shared CI cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_inner_step_is_plain_sgd_on_the_learned_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 3)
+    loss_net = LearnedLoss(hidden=(5, 5))
+    ml3 = ML3(loss_net, inner_lr=0.2, meta_lr=0.0)
+    x, y = torch.randn(6, 2), torch.randint(0, 3, (6,))
+    params = model_params(model)
+    result = ml3.meta_step(model, params, (x, y), (x, y))
+    model.zero_grad()
+    loss_net(model(x), y).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(result.params[k], p.detach() - 0.2 * p.grad)
+    assert not result.skipped and result.meta_loss > 0
+
+
+def test_meta_step_changes_phi_and_skips_non_finite(caplog):
+    torch.manual_seed(1)
+    model = nn.Linear(2, 3)
+    loss_net = LearnedLoss(hidden=(5, 5))
+    ml3 = ML3(loss_net, inner_lr=0.2, meta_lr=1e-2, inner_steps=2)
+    batch = (torch.randn(6, 2), torch.randint(0, 3, (6,)))
+    w = loss_net.layers[0].weight.detach().clone()
+    ml3.meta_step(model, model_params(model), batch, batch)
+    assert not torch.equal(w, loss_net.layers[0].weight)
+    with torch.no_grad():
+        loss_net.layers[0].weight[0, 0] = float("nan")
+    params = model_params(model)
+    with caplog.at_level(logging.WARNING, logger="npbml.loss_learning.ml3"):
+        result = ml3.meta_step(model, params, batch, batch)
+    assert result.skipped and ml3.skipped_steps == 1 and "non-finite" in caplog.text
+    assert all(result.params[k] is params[k] for k in params)
+
+
+def test_shaped_objective_uses_true_parameters():
+    task = SinusoidTask(2.0, 1.0)
+    batch = task.batch(10, torch.Generator().manual_seed(0))
+    objective = shaped_objective(weight=3.0)
+    exact = {"amplitude": torch.tensor(2.0), "phase": torch.tensor(1.0)}
+    model = SineModel(2.0, 1.0)
+    assert objective(model(batch[0]), batch, exact).item() == pytest.approx(0.0, abs=1e-10)
+    off = {"amplitude": torch.tensor(2.5), "phase": torch.tensor(1.0)}
+    preds = SineModel(2.5, 1.0)(batch[0])
+    mse = torch.mean((preds - batch[1]) ** 2).item()
+    assert objective(preds, batch, off).item() == pytest.approx(mse + 3.0 * 0.25, rel=1e-5)
+    with pytest.raises(ValueError, match="model='sine'"):
+        meta_train_sinusoid_loss(steps=1, model="mlp", shaped=True)
+
+
+@pytest.mark.parametrize("shaped", [False, True])
+def test_learned_loss_trains_fresh_models_on_new_sinusoids(shaped):
+    # ML3 showcase: a loss meta-learned on ONE sinusoid trains fresh models on new sinusoids.
+    torch.manual_seed(0)
+    loss_net, history = meta_train_sinusoid_loss(
+        steps=500,
+        num_tasks=1,
+        model="sine",
+        shaped=shaped,
+        inner_lr=0.05,
+        meta_lr=3e-3,
+        reset_every=20,
+        seed=0,
+    )
+    assert len(history) == 500
+    learned = evaluate_loss_on_new_tasks(loss_net, model="sine", train_steps=20, lr=0.05, seed=100)
+    torch.manual_seed(0)
+    untrained = evaluate_loss_on_new_tasks(
+        LearnedLoss(task="regression"), model="sine", train_steps=20, lr=0.05, seed=100
+    )
+    assert learned["mse_before"] == untrained["mse_before"]  # same new tasks and models
+    # Plain objective, seeds 0-3: MSE after/before measured 0.35, 0.22, 0.14, 0.03; an untrained
+    # loss network leaves the MSE near its start.
+    assert learned["mse_after"] < 0.5 * learned["mse_before"]
+    assert learned["mse_after"] < 0.5 * untrained["mse_after"]

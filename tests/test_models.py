@@ -1,0 +1,143 @@
+"""Backbones and the functional-parameter helpers (npbml.models, npbml.params)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from npbml.models import Conv4, ResNet12, available_models, build_model
+from npbml.params import functional_forward, named_params, split_params, strip_prefix
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine (10x+ slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, feature_dim",
+    [
+        (dict(in_channels=1, image_size=28), (4, 1, 28, 28), 64),
+        (dict(in_channels=3, image_size=84), (4, 3, 84, 84), 64 * 5 * 5),
+        (dict(in_channels=1, image_size=28, variant="strided"), (4, 1, 28, 28), 64),
+        (dict(in_channels=3, image_size=84, variant="strided", hidden=48), (4, 3, 84, 84), 48),
+    ],
+)
+def test_conv4_shapes(kwargs, shape, feature_dim):
+    torch.manual_seed(0)
+    model = Conv4(num_classes=5, **kwargs)
+    x = torch.rand(*shape)
+    assert model.features(x).shape == (shape[0], feature_dim)
+    assert model(x).shape == (shape[0], 5)
+    assert model.feature_dim == feature_dim
+
+
+def test_resnet12_shapes():
+    torch.manual_seed(0)
+    model = build_model("resnet12", channels=(8, 16, 24, 32), num_classes=5)
+    x = torch.rand(3, 3, 84, 84)
+    assert model.features(x).shape == (3, 32)
+    assert model(x).shape == (3, 5)
+    flat = ResNet12(channels=(4, 4, 4, 8), image_size=84, pool="flatten")
+    assert flat(x).shape == (3, 5) and flat.feature_dim == 8 * 5 * 5
+    # The standard width builds (its forward is too slow to run here).
+    assert build_model("resnet12").head.in_features == 640
+
+
+def test_parameter_names():
+    names = list(named_params(Conv4()))
+    for i in range(4):
+        assert f"blocks.{i}.conv.weight" in names and f"blocks.{i}.bn.bias" in names
+    assert names[-2:] == ["head.weight", "head.bias"]
+    rnames = list(named_params(ResNet12(channels=(4, 4, 4, 4))))
+    assert {n.split(".")[0] for n in rnames} == {"blocks", "head"}
+    assert any(n.startswith("blocks.3.") for n in rnames)
+
+
+@pytest.mark.parametrize(
+    "model_fn", [lambda: Conv4(hidden=8), lambda: ResNet12(channels=(4, 6, 8, 10))]
+)
+def test_batchnorm_uses_batch_statistics(model_fn):
+    torch.manual_seed(0)
+    model = model_fn()
+    in_ch = 1 if isinstance(model, Conv4) else 3
+    size = 28 if isinstance(model, Conv4) else 32
+    assert not list(model.buffers()), "no running statistics by default"
+    x = torch.rand(6, in_ch, size, size)
+    before = copy.deepcopy(model.state_dict())
+    y_train = model.train()(x)
+    y_eval = model.eval()(x)
+    torch.testing.assert_close(y_train, y_eval)  # same statistics at train and test time
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    # Batch statistics: a sample's output depends on the other samples in the batch.
+    x2 = x.clone()
+    x2[1:] = torch.rand_like(x2[1:]) * 3
+    assert not torch.allclose(model(x)[0], model(x2)[0])
+
+
+def test_batchnorm_running_stats_optional():
+    model = Conv4(track_running_stats=True)
+    assert any("running_mean" in n for n, _ in model.named_buffers())
+
+
+def test_functional_forward_matches_module():
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, image_size=28, hidden=8).double()
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    params = named_params(model)
+    torch.testing.assert_close(functional_forward(model, params, x), model(x))
+    # Perturbed parameters: equals a module that holds them (independent copy).
+    new = {k: v.detach() + 0.01 * torch.randn_like(v) for k, v in params.items()}
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(new, strict=False)
+    torch.testing.assert_close(functional_forward(model, new, x), ref(x))
+    # A partial dict: missing entries come from the module; the module is not modified.
+    head_only = {k: new[k] for k in ("head.weight", "head.bias")}
+    ref2 = copy.deepcopy(model)
+    ref2.head.load_state_dict(strip_prefix(head_only, "head."))
+    torch.testing.assert_close(functional_forward(model, head_only, x), ref2(x))
+    torch.testing.assert_close(
+        functional_forward(model, head_only, x, method="features"), model.features(x)
+    )
+    torch.testing.assert_close(
+        functional_forward(model, new, x, method="features"), ref.features(x)
+    )
+    for k, v in named_params(model).items():
+        assert v is params[k]
+
+
+def test_split_params():
+    params = named_params(Conv4())
+    adapted, rest = split_params(params, adapt=["head.*", "blocks.3.*"])
+    assert list(adapted) == [n for n in params if n.startswith(("blocks.3.", "head."))]
+    assert set(rest) == set(params) - set(adapted)
+    adapted, rest = split_params(params, adapt="*", freeze=["blocks.0.*", "blocks.1.*"])
+    assert not any(n.startswith(("blocks.0.", "blocks.1.")) for n in adapted)
+    assert len(adapted) + len(rest) == len(params)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        split_params(params, adapt=["haed.*"])
+    with pytest.raises(ValueError, match="no parameter is adapted"):
+        split_params(params, adapt=["head.*"], freeze=["head.*"])
+
+
+def test_build_model_errors():
+    assert available_models() == ["conv4", "resnet12"]
+    assert isinstance(build_model("Conv4", hidden=8), nn.Module)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg")
+    with pytest.raises(TypeError, match="bad arguments"):
+        build_model("conv4", filters=3)
+    with pytest.raises(ValueError, match="variant"):
+        Conv4(variant="avgpool")
+    with pytest.raises(ValueError, match="image_size"):
+        Conv4(image_size=8)
+    with pytest.raises(ValueError, match="images"):
+        Conv4().features(torch.rand(2, 28, 28))

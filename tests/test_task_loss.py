@@ -1,0 +1,125 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npbml.task_loss import LossMLP, TaskAdaptiveLoss, weight_statistics
+
+N = 5
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(10, N, generator=g, requires_grad=True)
+    targets = torch.arange(N).repeat(2)
+    q_logits = torch.randn(7, N, generator=g, requires_grad=True)
+    scores = torch.rand(7, N, generator=g)
+    params = {"w": torch.randn(4, 3, generator=g, requires_grad=True), "b": torch.zeros(4)}
+    params["b"].requires_grad_(True)
+    return logits, targets, q_logits, scores, params
+
+
+def _call(m, logits, targets, q_logits, scores, params):
+    return m(logits, targets, params=params, query_logits=q_logits, relation_scores=scores)
+
+
+def test_zero_initialised_loss_equals_ce_in_value_and_gradient():
+    logits, targets, q_logits, scores, params = _inputs()
+    m = TaskAdaptiveLoss(N, init_std=0.0)
+    loss = _call(m, logits, targets, q_logits, scores, params)
+    ce = F.cross_entropy(logits, targets)
+    torch.testing.assert_close(loss, ce)
+    g_m = torch.autograd.grad(loss, (logits, q_logits, params["w"]), allow_unused=True)
+    g_ce = torch.autograd.grad(ce, logits)[0]
+    torch.testing.assert_close(g_m[0], g_ce)
+    for g in g_m[1:]:
+        assert g is None or torch.count_nonzero(g) == 0
+    # Without the offset the value is CE + phi(0) per MLP term (3 of them), same gradient.
+    raw = TaskAdaptiveLoss(N, init_std=0.0, center_output=False)
+    phi0 = 0.75 * math.log(2) / 5
+    torch.testing.assert_close(_call(raw, logits, targets, q_logits, scores, params), ce + 3 * phi0)
+
+
+def test_default_init_is_close_to_ce():
+    torch.manual_seed(0)
+    logits, targets, q_logits, scores, params = _inputs()
+    m = TaskAdaptiveLoss(N)
+    loss = _call(m, logits, targets, q_logits, scores, params)
+    ce = F.cross_entropy(logits, targets)
+    assert abs(loss.item() - ce.item()) < 0.05 * ce.item()
+    g_m = torch.autograd.grad(loss, logits)[0]
+    g_ce = torch.autograd.grad(ce, logits)[0]
+    assert (g_m - g_ce).norm() < 0.05 * g_ce.norm()
+
+
+def test_terms_match_hand_written_inputs():
+    torch.manual_seed(0)
+    logits, targets, q_logits, scores, params = _inputs()
+    m = TaskAdaptiveLoss(N, init_std=0.3)
+    onehot = F.one_hot(targets, N).float()
+    ce_s = F.cross_entropy(logits, targets, reduction="none")
+    l_s = m.support_net(torch.cat([logits, onehot, ce_s[:, None]], 1)).mean()
+    pseudo = scores.argmax(1)
+    ce_q = F.cross_entropy(q_logits, pseudo, reduction="none")
+    l_q = m.query_net(torch.cat([q_logits, scores, ce_q[:, None]], 1)).mean()
+    stats = torch.tensor(
+        [
+            [float(np.mean(a)), float(np.std(a)), float(np.abs(a).sum()), float(np.linalg.norm(a))]
+            for a in (p.detach().numpy().ravel() for p in params.values())
+        ]
+    )
+    r = m.reg_net(stats).mean()
+    expected = F.cross_entropy(logits, targets) + l_s + l_q + r
+    torch.testing.assert_close(_call(m, logits, targets, q_logits, scores, params), expected)
+    # The transductive network has its own weights.
+    assert m.query_net is not m.support_net
+    ids_s = {id(p) for p in m.support_net.parameters()}
+    assert not ids_s & {id(p) for p in m.query_net.parameters()}
+
+
+def test_query_term_depends_on_relation_scores_not_labels():
+    logits, targets, q_logits, scores, params = _inputs()
+    m = TaskAdaptiveLoss(N, use_ce=False, use_support=False, use_reg=False, init_std=0.3)
+    a = _call(m, logits, targets, q_logits, scores, params)
+    b = _call(m, logits, targets, q_logits, scores.flip(1), params)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="relation_scores"):
+        m(logits, targets, params=params, query_logits=q_logits)
+
+
+def test_weight_statistics_closed_form_and_finite_gradient_at_constant_tensor():
+    a = torch.randn(3, 4, dtype=torch.float64)
+    s = weight_statistics([a], eps=0.0)[0]
+    x = a.numpy().ravel()
+    np.testing.assert_allclose(
+        s.numpy(), [x.mean(), x.std(), np.abs(x).sum(), np.linalg.norm(x)], rtol=1e-10
+    )
+    const = torch.full((5,), 0.3, requires_grad=True)  # e.g. a head bias expanded from a scalar
+    (g,) = torch.autograd.grad(weight_statistics([const]).sum(), const)
+    assert torch.isfinite(g).all()
+    np.testing.assert_allclose(
+        weight_statistics([a], normalize=True, eps=0.0)[0, 2:].numpy(),
+        [np.abs(x).mean(), np.sqrt((x**2).mean())],
+        rtol=1e-10,
+    )
+
+
+def test_lossmlp_shapes_and_zero_output():
+    mlp = LossMLP(3, init_std=0.0)
+    assert mlp(torch.randn(2, 7, 3)).shape == (2, 7)
+    assert torch.count_nonzero(mlp(torch.randn(4, 3))) == 0
+    with pytest.raises(ValueError, match="expects 3 input features"):
+        mlp(torch.randn(4, 2))
+
+
+def test_switches_and_errors():
+    assert TaskAdaptiveLoss(N, use_query=False, use_reg=False).terms == ("ce", "support")
+    with pytest.raises(ValueError, match="at least one"):
+        TaskAdaptiveLoss(N, False, False, False, False)
+    logits, targets, *_ = _inputs()
+    with pytest.raises(ValueError, match="params="):
+        TaskAdaptiveLoss(N, use_query=False)(logits, targets)
+    with pytest.raises(ValueError, match=r"\[batch, 5\]"):
+        TaskAdaptiveLoss(N, use_query=False, use_reg=False)(logits[:, :3], targets)
