@@ -293,14 +293,68 @@ class DemoRun:
     label: str
     config: str
     overrides: tuple[str, ...] = ()
+    # NPBML's pipeline (METHODS.md sec 3): supervised backbone pre-training and relation-network
+    # pre-training steps, run inside this method's share of the budget before meta-training.
+    pretrain_steps: int = 0
+    relation_steps: int = 0
 
 
-# The methods the demo compares, in order; later issues append e.g. NPBML here.
-DEMO_RUNS: list[DemoRun] = [DemoRun("MAML", "demo.yaml")]
+# The methods the demo compares, in order, each with the same share of the time budget.
+DEMO_RUNS: list[DemoRun] = [
+    DemoRun("MAML", "demo.yaml"),
+    DemoRun("NPBML", "npbml_demo.yaml", pretrain_steps=300, relation_steps=200),
+]
+
+
+def _demo_pretrain(
+    run: DemoRun, config: Config, tasksets: Any, out_dir: Path, log: Any
+) -> tuple[str, ...]:
+    """Pre-train the backbone and the relation network of an NPBML demo run; returns the config
+    overrides that point the run at the two checkpoints."""
+    from npbml.models import build_model
+    from npbml.relation import RelationNetwork, save_relation
+    from npbml.train import infer_model_kwargs
+
+    kwargs = {**infer_model_kwargs(config, tasksets), **config.model.options}
+    model = build_model(config.model.name, **kwargs)
+    seed = config.train.seed
+    t0 = time.perf_counter()
+    bb = pretrain.pretrain_backbone(
+        model,
+        tasksets.train.dataset,
+        steps=run.pretrain_steps,
+        val_source=tasksets.validation,
+        eval_every=run.pretrain_steps,
+        seed=seed,
+    )
+    backbone = pretrain.save_backbone(model, out_dir / "backbone.pt", config.model.name, kwargs)
+    relation = RelationNetwork(
+        channels=int(kwargs.get("hidden", 64)), in_channels=int(kwargs.get("in_channels", 1))
+    )
+    rel = pretrain.pretrain_relation(
+        relation,
+        tasksets.train,
+        steps=run.relation_steps,
+        val_source=tasksets.validation,
+        eval_every=run.relation_steps,
+        seed=seed,
+    )
+    rel_path = save_relation(relation, out_dir / "relation.pt")
+    print(
+        f"   pre-training ({time.perf_counter() - t0:.0f} s): backbone nearest-prototype "
+        f"validation accuracy {100 * bb.best_accuracy:.1f}%, relation network "
+        f"{100 * rel.best_accuracy:.1f}%",
+        file=log,
+        flush=True,
+    )
+    return (
+        f"algorithm.options.backbone_checkpoint={backbone}",
+        f"algorithm.options.relation_checkpoint={rel_path}",
+    )
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--minutes", type=float, default=5.0, help="total time budget (default 5)")
+    p.add_argument("--minutes", type=float, default=8.0, help="total time budget (default 8)")
     p.add_argument("--out", default="runs/demo", help="directory for the runs (default runs/demo)")
     p.add_argument(
         "--tasks", type=int, default=None, help="test tasks per method (default: eval.tasks)"
@@ -359,6 +413,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         run_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(configs) - i)
         _use_threads(config)
         tasksets = make_tasksets(config)
+        out_dir = Path(args.out) / run.label.lower().replace(" ", "-")
+        if run.pretrain_steps or run.relation_steps:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            extra = _demo_pretrain(run, config, tasksets, out_dir, log)
+            config = demo_config(run, [*args.overrides, *extra])
         probe = build_learner(config, infer_model_kwargs(config, tasksets))
         probe.evaluate(tasksets.test.sample(0))  # warm-up
         t0 = time.perf_counter()
@@ -383,7 +442,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 "training one step only (raise --minutes or lower --tasks)",
                 file=log,
             )
-        out_dir = Path(args.out) / run.label.lower().replace(" ", "-")
         t2 = time.perf_counter()
         tr = train(
             config,

@@ -17,14 +17,6 @@ def _data(n: int = 8, d: int = 3, c: int = 3, seed: int = 0, dtype=torch.float32
     return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, c, (n,), generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and contention on shared CI cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_base_update_matches_torch_sgd_nesterov_weight_decay():
     # With a frozen loss network (meta_lr=0) AdaLFL's base steps are exactly torch.optim.SGD's.

@@ -13,16 +13,6 @@ from npbml.algorithms import ANIL, FOMAML, MAML, MetaSGD, available_algorithms, 
 from npbml.params import named_params
 from tasks.episode import Episode
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine (10x+ slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 DT = torch.float64
 
 

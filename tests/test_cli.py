@@ -40,11 +40,12 @@ TINY = {
     "eval": {"tasks": 5},
 }
 
-# The demo with a glyph family small enough for a test.
+# The demo with a glyph family small enough for a test (28x28 images: NPBML's relation network
+# pools four times).
 DEMO_SMALL = [
     "--set",
     "data.options={num_train: 12, num_validation: 6, num_test: 6, images_per_class: 4, "
-    "image_size: 16}",
+    "image_size: 28}",
     "--set",
     "data.queries=2",
     "--set",

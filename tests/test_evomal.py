@@ -46,14 +46,6 @@ from npbml.evomal.tuning import init_scalars, tune_scalars, unrolled_meta_loss
 CE = "mul(-1, mul(y, log(f)))"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead (the search does the same)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_config(**search) -> EvolveConfig:
     return EvolveConfig.from_dict(

@@ -10,14 +10,6 @@ from npbml.config import ConfigError
 from npbml.fit import fit, fit_config_from_dict, split_arrays, split_class_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def blobs(tmp_path):
     """Three Gaussian blobs in 5-D (linearly separable), saved as an .npz."""

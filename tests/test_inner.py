@@ -10,15 +10,6 @@ from torch import nn
 from npbml.inner import InnerSGD, PerParameterLR, accepts_context, call_inner_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine (10x+ slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Every test here runs in float64 (restored afterwards, so other test files are unaffected)."""

@@ -17,15 +17,6 @@ from npbml.loss_learning.ml3_sinusoid import (
 from npbml.losses import LearnedLoss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and contention on shared CI cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_inner_step_is_plain_sgd_on_the_learned_loss():
     torch.manual_seed(0)
     model = nn.Linear(2, 3)

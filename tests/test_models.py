@@ -12,15 +12,6 @@ from npbml.models import Conv4, ResNet12, available_models, build_model
 from npbml.params import functional_forward, named_params, split_params, strip_prefix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine (10x+ slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize(
     "kwargs, shape, feature_dim",
     [
