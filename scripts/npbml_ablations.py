@@ -33,7 +33,12 @@ NPBML_ROWS = [
     "loss:+query",
     "loss:+reg",
 ]
-MD_START, MD_END = "<!-- npbml_ablations:start -->", "<!-- npbml_ablations:end -->"
+
+
+def markers(label: str) -> tuple[str, str]:
+    """Markers of this run's section in the Markdown file (one section per ``--label``)."""
+    tag = f"npbml_ablations:{label}" if label else "npbml_ablations"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
 def npbml(*args: str, log: Path) -> str:
@@ -84,13 +89,17 @@ def run_row(row: str, args: argparse.Namespace, common: list[str]) -> dict[str, 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace, pre: dict[str, Any]) -> str:
     cmd = " ".join(["python scripts/npbml_ablations.py", *sys.argv[1:]])
+    start, end = markers(args.label)
+    lr = f", meta-lr {args.meta_lr:g}" if args.meta_lr else ""
+    title = f"NPBML ablations on Omniglot minimal ({args.ways}-way 1-shot, CPU"
+    title += f", {args.label})" if args.label else ")"
     lines = [
-        MD_START,
-        f"## NPBML ablations on Omniglot minimal ({args.ways}-way 1-shot, CPU)",
+        start,
+        f"## {title}",
         "",
         f"Command: `{cmd}`  ",
         f"Seed {args.seed}; {args.meta_steps} meta-steps x meta-batch {args.meta_batch} for every "
-        f"row; test: {args.tasks} fixed {args.ways}-way 1-shot episodes (15 queries per class) "
+        f"row{lr}; test: {args.tasks} fixed {args.ways}-way 1-shot episodes (15 queries per class) "
         "of the background_small2 characters not in small1; mean accuracy +- 95% interval "
         "(1.96 s / sqrt(n)). NPBML rows share one pre-trained backbone "
         f"({pre.get('backbone', '')}) and relation network ({pre.get('relation', '')}); the MAML "
@@ -108,15 +117,16 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, pre: dict[
         if args.lake:
             line += f" {100 * r['lake']['error_rate']:.2f} |"
         lines.append(line)
-    lines.append(MD_END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, block: str) -> None:
+def write_markdown(path: Path, block: str, label: str) -> None:
+    start, end = markers(label)
     text = path.read_text() if path.exists() else "# Results\n\n"
-    if MD_START in text and MD_END in text:
-        before, rest = text.split(MD_START, 1)
-        text = before + block + rest.split(MD_END, 1)[1].lstrip("\n")
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
@@ -134,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relation-steps", type=int, default=300)
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--meta-lr", type=float, default=None, help="override train.meta_lr")
+    p.add_argument("--label", default="", help="names this run's Markdown section")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ways", type=int, default=5, help="N-way (use 20 with --lake)")
     p.add_argument(
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train.meta_steps={args.meta_steps}",
         f"train.meta_batch_size={args.meta_batch}",
         f"train.seed={args.seed}",
+        *([f"train.meta_lr={args.meta_lr}"] if args.meta_lr else []),
         f"data.ways={args.ways}",
         f"algorithm.options.backbone_checkpoint={backbone.resolve()}",
         f"algorithm.options.relation_checkpoint={relation.resolve()}",
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"pretraining": pre, "args": vars(args), "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     if args.markdown:
-        write_markdown(Path(args.markdown), markdown(results, args, pre))
+        write_markdown(Path(args.markdown), markdown(results, args, pre), args.label)
     return 0
 
 
