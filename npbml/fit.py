@@ -6,8 +6,12 @@ tabular / regression arrays, with a tqdm progress bar, atomic checkpoints (``las
 ``best.pt``), exact resume and ``metrics.jsonl`` (one JSON record per evaluation).
 
 Losses: ``ce``, ``label_smoothing``, ``sparse_lsr`` (METHODS.md sec 5), ``learned`` (a fixed
-loss network, e.g. meta-learned by ML3, loaded from ``loss.checkpoint``) and ``adalfl`` (online
-loss learning, Raymond et al. arXiv 2301.13247; METHODS.md sec 4).
+loss network, e.g. meta-learned by ML3, loaded from ``loss.checkpoint``), ``ml3`` (the loss network
+is first meta-learned offline by ML3 on the training data for ``loss.offline_steps`` steps, Bechtle
+et al. arXiv 1906.05374, then frozen to train the model), ``adalfl`` (online loss learning,
+Raymond et al. arXiv 2301.13247; METHODS.md sec 4) and ``evolved`` (a symbolic EvoMAL loss loaded
+from ``loss.checkpoint``: an ``npbml evolve`` output folder or a saved ``EvolvedLoss`` JSON;
+METHODS.md sec 6).
 
 Exact resume: the batch order of epoch ``e`` is a pure function of ``(seed, e)`` and the model,
 optimizer, schedule, loss-learning and RNG states are checkpointed, so a run killed and resumed
@@ -20,6 +24,7 @@ keys are errors (validated with the strict dataclass builder of :mod:`npbml.conf
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -36,7 +41,9 @@ from tqdm import tqdm
 
 from npbml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from npbml.config import ConfigError, _build, read_yaml
+from npbml.inner import InnerSGD
 from npbml.loss_learning.adalfl import AdaLFL
+from npbml.loss_learning.ml3 import ML3
 from npbml.losses import LearnedLoss, build_loss
 
 
@@ -89,16 +96,32 @@ class FitOptimConfig:
 
 @dataclass
 class FitLossConfig:
-    """``name``: ``ce``, ``label_smoothing``, ``sparse_lsr``, ``learned``, ``adalfl``."""
+    """``name``: ``ce``, ``label_smoothing``, ``sparse_lsr``, ``learned``, ``ml3``, ``adalfl``,
+    ``evolved``.
 
-    name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "adalfl"] = "ce"
+    Learned losses (``learned``, ``ml3``, ``adalfl``): ``hidden``, ``output_activation`` and
+    ``init`` (PyTorch's ``"default"``, or ``"kaiming"`` as the AdaLFL reference code) shape the
+    loss network; ``checkpoint`` optionally loads its ``state_dict``. ``offline_steps`` ML3 meta
+    steps (``ml3``: required; ``adalfl``: its phase-1 initialisation) run on a copy of the model
+    with the base optimizer unrolled, one model continued throughout unless ``reset_every=k``
+    (a fresh copy of the initial model every ``k`` steps); ``meta_lr`` is the Adam rate of the
+    loss network, ``meta_batch`` what feeds the meta-objective (``"next"`` / another training
+    batch, or ``"validation"``). ``evolved``: ``checkpoint`` is an ``npbml evolve`` output folder
+    or an ``EvolvedLoss`` JSON file.
+    """
+
+    name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "ml3", "adalfl", "evolved"] = (
+        "ce"
+    )
     smoothing: float = 0.1
     hidden: list[int] = field(default_factory=lambda: [50, 50])
     output_activation: Literal["softplus", "none"] = "softplus"
+    init: Literal["default", "kaiming"] = "default"
     checkpoint: str | None = None
     meta_lr: float = 1e-3
     meta_batch: Literal["next", "validation"] = "next"
     offline_steps: int = 0
+    reset_every: int | None = None
 
 
 @dataclass
@@ -136,8 +159,22 @@ def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
     if cfg.loss.name == "learned" and cfg.loss.checkpoint is None:
         raise ConfigError(
             "loss.name='learned' trains with a fixed learned loss: set loss.checkpoint to a "
-            "LearnedLoss state_dict file (or use loss.name='adalfl' to learn it online)"
+            "LearnedLoss state_dict file (or use loss.name='ml3' / 'adalfl' to learn it)"
         )
+    if cfg.loss.name == "evolved" and cfg.loss.checkpoint is None:
+        raise ConfigError(
+            "loss.name='evolved' needs loss.checkpoint: an `npbml evolve` output folder (its "
+            "best.json) or a JSON file written by EvolvedLoss.save"
+        )
+    if cfg.loss.name == "ml3" and cfg.loss.offline_steps < 1 and cfg.loss.checkpoint is None:
+        raise ConfigError(
+            "loss.name='ml3' meta-learns the loss offline first: set loss.offline_steps >= 1 "
+            "(or load a trained loss network with loss.checkpoint)"
+        )
+    if cfg.loss.offline_steps < 0:
+        raise ConfigError(f"loss.offline_steps must be >= 0, got {cfg.loss.offline_steps}")
+    if cfg.loss.reset_every is not None and cfg.loss.reset_every < 1:
+        raise ConfigError(f"loss.reset_every must be >= 1 or null, got {cfg.loss.reset_every}")
     if cfg.data.kind == "arrays" and cfg.data.path is None:
         raise ConfigError("data.kind='arrays' needs data.path (an .npz with arrays x and y)")
     return cfg
@@ -276,6 +313,29 @@ def build_fit_model(cfg: FitModelConfig, data: FitData) -> nn.Module:
     return build_model(cfg.name, **options)
 
 
+def _offline_pairs(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    seed: int,
+    meta_batch: str,
+    device: torch.device,
+):
+    """Endless ``(train_batch, meta_batch)`` pairs for the offline (ML3) phase, a pure function
+    of ``seed``: the meta batch is another random training batch, or a validation batch."""
+    (x, y), (vx, vy) = train, val
+    g = np.random.default_rng([seed, 99])
+    while True:
+        i = g.integers(0, len(x), batch_size)
+        if meta_batch == "validation":
+            j = g.integers(0, len(vx), batch_size)
+            mb = (vx[j].to(device), vy[j].to(device))
+        else:
+            j = g.integers(0, len(x), batch_size)
+            mb = (x[j].to(device), y[j].to(device))
+        yield (x[i].to(device), y[i].to(device)), mb
+
+
 def _task_loss(task: str):
     if task == "classification":
         return F.cross_entropy
@@ -363,10 +423,18 @@ def fit(
     adalfl: AdaLFL | None = None
     optimizer: torch.optim.Optimizer | None = None
     loss_fn: nn.Module | Any
-    if lc.name in ("learned", "adalfl"):
-        loss_fn = LearnedLoss(data.task, lc.hidden, lc.output_activation).to(device)
+    if lc.name in ("learned", "ml3", "adalfl"):
+        loss_fn = LearnedLoss(data.task, lc.hidden, lc.output_activation, init=lc.init).to(device)
         if lc.checkpoint is not None:
-            loss_fn.load_state_dict(torch.load(lc.checkpoint, map_location=device))
+            loss_fn.load_state_dict(
+                torch.load(lc.checkpoint, map_location=device, weights_only=True)
+            )
+    elif lc.name == "evolved":
+        from npbml.evomal.expression import load_evolved_loss
+
+        if data.task != "classification":
+            raise ConfigError("loss.name='evolved' is a classification loss (data.task)")
+        loss_fn = load_evolved_loss(lc.checkpoint).to(device)
     elif lc.name in ("label_smoothing", "sparse_lsr"):
         loss_fn = build_loss(lc.name, smoothing=lc.smoothing)
     else:
@@ -383,15 +451,15 @@ def fit(
             loss_fn,
             base_lr=oc.lr,
             momentum=oc.momentum,
-            nesterov=oc.nesterov,
+            nesterov=oc.nesterov and oc.momentum > 0,
             weight_decay=oc.weight_decay,
             meta_lr=lc.meta_lr,
             meta_batch=lc.meta_batch,
             task=data.task,
         )
     else:
-        if lc.name == "learned":
-            loss_fn.requires_grad_(False)
+        if lc.name in ("learned", "ml3", "evolved"):
+            loss_fn.requires_grad_(False)  # frozen: only the model is trained
         if oc.name == "sgd":
             optimizer = torch.optim.SGD(
                 model.parameters(),
@@ -414,6 +482,8 @@ def fit(
     if resume and last.exists():
         state = load_checkpoint(last, map_location=device)
         model.load_state_dict(state["model"])
+        if "loss_net" in state:  # ml3: the loss learned offline before step 0
+            loss_fn.load_state_dict(state["loss_net"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if adalfl is not None:
@@ -427,19 +497,24 @@ def fit(
         # A fresh start: snapshots of an earlier run in this folder would mix into plots.
         for old in (out / "loss_snapshots").glob("*.pt"):
             old.unlink()
-    if adalfl is not None and step == 0 and lc.offline_steps > 0:
-        g = np.random.default_rng([t.seed, 99])
-
-        def pairs():
-            while True:
-                i, j = g.integers(0, n, t.batch_size), g.integers(0, n, t.batch_size)
-                yield (x[i].to(device), y[i].to(device)), (x[j].to(device), y[j].to(device))
-
+    if lc.name in ("ml3", "adalfl") and step == 0 and lc.offline_steps > 0:
+        if lc.meta_batch == "validation" and len(data.val[0]) == 0:
+            raise ConfigError("loss.meta_batch='validation' needs validation data")
+        pairs = _offline_pairs(data.train, data.val, t.batch_size, t.seed, lc.meta_batch, device)
         snap_dir = out / "loss_snapshots"
         snap_dir.mkdir(exist_ok=True)
         torch.save(loss_fn.state_dict(), snap_dir / "init.pt")
-        adalfl.offline_init(pairs(), lc.offline_steps)
+        t0 = time.time()
+        if adalfl is not None:
+            history = adalfl.offline_init(pairs, lc.offline_steps, lc.reset_every)
+        else:
+            history = _ml3_offline(model, loss_fn, oc, lc, pairs)
+        (out / "offline_meta_loss.json").write_text(
+            json.dumps({"seconds": time.time() - t0, "meta_loss": history})
+        )
         torch.save(loss_fn.state_dict(), snap_dir / f"step{0:08d}.pt")
+        if adalfl is None:
+            torch.save(loss_fn.state_dict(), out / "loss_net.pt")
 
     def checkpoint() -> None:
         state = {"model": model.state_dict(), "step": step, "best": best, "rng": rng_state()}
@@ -447,6 +522,8 @@ def fit(
             state["optimizer"] = optimizer.state_dict()
         if adalfl is not None:
             state["adalfl"] = adalfl.state_dict()
+        elif lc.name == "ml3":
+            state["loss_net"] = loss_fn.state_dict()
         save_checkpoint(last, state)
 
     bar = tqdm(total=total_steps, initial=step, disable=not t.progress, desc="fit", unit="step")
@@ -530,6 +607,31 @@ def fit(
     return final
 
 
+def _ml3_offline(
+    model: nn.Module, loss_fn: nn.Module, oc: FitOptimConfig, lc: FitLossConfig, pairs: Any
+) -> list[float]:
+    """ML3 (Bechtle et al. 2020) meta-training of ``loss_fn`` on a copy of ``model``.
+
+    The unrolled inner step is the base SGD of the run (momentum, Nesterov, weight decay); with
+    ``optim.name="adam"`` it is plain SGD at ``optim.lr``. Returns the meta-loss history.
+    """
+    if oc.name == "sgd":
+        inner = InnerSGD(
+            lr=oc.lr,
+            momentum=oc.momentum,
+            nesterov=oc.nesterov and oc.momentum > 0,
+            weight_decay=oc.weight_decay,
+        )
+    else:
+        inner = InnerSGD(lr=oc.lr)
+    loss_fn.requires_grad_(True)
+    ml3 = ML3(loss_fn, inner_optimizer=inner, meta_lr=lc.meta_lr)
+    start = copy.deepcopy(model)
+    history = ml3.meta_train(lambda: copy.deepcopy(start), pairs, lc.offline_steps, lc.reset_every)
+    loss_fn.requires_grad_(False)
+    return history
+
+
 class _ValidationBatches:
     """Validation batches for AdaLFL ``meta_batch="validation"``: the rows of step ``k`` are a
     pure function of ``(seed, k)`` (passes over shuffled validation data), so resume is exact."""
@@ -547,7 +649,10 @@ class _ValidationBatches:
 # ---------------------------------------------------------------------------------------------
 # Command line (wired by npbml/cli.py as ``npbml fit``)
 # ---------------------------------------------------------------------------------------------
-FIT_HELP = "ordinary supervised training (CE, label smoothing, SparseLSR, learned loss, AdaLFL)"
+FIT_HELP = (
+    "ordinary supervised training (CE, label smoothing, SparseLSR, learned loss, ML3, AdaLFL, "
+    "evolved loss)"
+)
 
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,8 +22,9 @@ from npbml.config import (
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Meta-learning configs (the schema of npbml.config). evomal_*.yaml are `npbml evolve` configs
-# with their own schema (npbml.evomal) and are checked by that package's tests.
-SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("evomal"))
+# with their own schema (npbml.evomal) and are checked by that package's tests; fit_*.yaml are
+# `npbml fit` configs (npbml.fit), checked in tests/test_fit.py.
+SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith(("evomal", "fit_")))
 
 
 def test_expected_configs_are_shipped():

@@ -41,6 +41,12 @@ def test_config_rejects_unknown_keys_and_bad_combinations(blobs):
         fit_config_from_dict({"loss": {"name": "learned"}})
     with pytest.raises(ConfigError, match="data.path"):
         fit_config_from_dict({"data": {"kind": "arrays"}})
+    with pytest.raises(ConfigError, match="npbml evolve"):
+        fit_config_from_dict({"loss": {"name": "evolved"}})
+    with pytest.raises(ConfigError, match="offline_steps >= 1"):
+        fit_config_from_dict({"loss": {"name": "ml3"}})
+    with pytest.raises(ConfigError, match="reset_every"):
+        fit_config_from_dict({"loss": {"name": "ml3", "offline_steps": 2, "reset_every": 0}})
 
 
 @pytest.mark.parametrize("loss", [{"name": "ce"}, {"name": "sparse_lsr", "smoothing": 0.1}])
@@ -59,6 +65,7 @@ def test_fit_learns_and_writes_metrics(blobs, tmp_path, loss):
         {"name": "ce"},
         {"name": "adalfl", "offline_steps": 2},
         {"name": "adalfl", "meta_batch": "validation"},
+        {"name": "ml3", "offline_steps": 3},
     ],
 )
 def test_killed_run_resumes_exactly(blobs, tmp_path, loss):
@@ -156,3 +163,58 @@ def test_cli_fit_subcommand(blobs, tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"]
     assert cli.main(["fit", "--config", str(cfg_path), "--out", str(out), "--set", "optim.lrr=1"])
     assert "unknown key 'lrr'" in capsys.readouterr().err
+
+
+def test_ml3_fit_meta_learns_offline_then_trains_with_the_frozen_loss(blobs, tmp_path):
+    cfg = _cfg(blobs, name="ml3", offline_steps=30, meta_lr=1e-2)
+    cfg["train"]["epochs"] = 5
+    final = fit(cfg, tmp_path / "run")
+    assert final["test_acc"] > 0.9  # separable blobs; chance is 1/3
+    history = json.loads((tmp_path / "run/offline_meta_loss.json").read_text())["meta_loss"]
+    assert len(history) == 30
+    snaps = tmp_path / "run/loss_snapshots"
+    init = torch.load(snaps / "init.pt", weights_only=True)
+    learned = torch.load(snaps / "step00000000.pt", weights_only=True)
+    assert any(not torch.equal(init[k], learned[k]) for k in init)  # ML3 changed phi
+    # ... and training left it frozen: the final loss network is the one learned offline.
+    final_net = torch.load(tmp_path / "run/loss_net.pt", weights_only=True)
+    in_ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)["loss_net"]
+    for k in learned:
+        assert torch.equal(final_net[k], learned[k]) and torch.equal(in_ckpt[k], learned[k])
+
+
+def test_evolved_cross_entropy_formula_trains_like_ce(blobs, tmp_path):
+    # -sum_c y_c log f_c, averaged over the batch, IS cross-entropy: an evolved loss holding that
+    # formula must train the same model to the same weights as loss.name='ce'.
+    from npbml.evomal import EvolvedLoss
+
+    EvolvedLoss("mul(-1, mul(y, log(f)))").save(tmp_path / "ce.json")
+    ce = fit(_cfg(blobs), tmp_path / "ce")
+    ev = fit(_cfg(blobs, name="evolved", checkpoint=str(tmp_path / "ce.json")), tmp_path / "ev")
+    assert ev["test_acc"] == ce["test_acc"]
+    assert ev["test_loss"] == pytest.approx(ce["test_loss"], rel=1e-4)
+    a = torch.load(tmp_path / "ce/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ev/last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # An `npbml evolve` output folder works as well (its best.json).
+    (tmp_path / "search").mkdir()
+    EvolvedLoss("mul(-1, mul(y, log(f)))").save(tmp_path / "search/best.json")
+    cfg = _cfg(blobs, name="evolved", checkpoint=str(tmp_path / "search"))
+    cfg["train"]["epochs"] = 1
+    assert "final" in fit(cfg, tmp_path / "ev2")
+    cfg["loss"]["checkpoint"] = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="npbml evolve"):
+        fit(cfg, tmp_path / "ev3")
+
+
+def test_shipped_fit_configs_load():
+    from pathlib import Path
+
+    from npbml.config import read_yaml
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("fit_*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = fit_config_from_dict(read_yaml(path))
+        assert cfg.data.kind == "omniglot" and cfg.loss.name == "ce", path.name

@@ -107,7 +107,46 @@ def test_learned_loss_functional_call_with_meta_parameters():
     torch.testing.assert_close(net(z, t), loss)
 
 
+def test_learned_loss_kaiming_init():
+    torch.manual_seed(5)
+    net = LearnedLoss(init="kaiming")
+    for layer, fan_in in zip(net.layers, (2, 50, 50)):
+        std = layer.weight.std().item()
+        assert std == pytest.approx((2 / fan_in) ** 0.5, rel=0.3), fan_in  # N(0, 2 / fan_in)
+    default = LearnedLoss()  # PyTorch's nn.Linear init: std 1 / sqrt(3 fan_in)
+    assert default.layers[1].weight.std().item() == pytest.approx((1 / 150) ** 0.5, rel=0.3)
+
+
+@pytest.mark.parametrize("classes", [10, 242])
+def test_learned_loss_logit_gradient_closed_form(classes):
+    # d/dz_k sum_c g(p_c, y_c) = p_k (g'_k - sum_c p_c g'_c), g' the derivative in p: the chain
+    # rule through the softmax, computed independently of the module's forward. At uniform
+    # logits it is O(1/C), the reason why a learned loss trains slowly with many classes.
+    torch.manual_seed(6)
+    net = LearnedLoss(init="kaiming").double()
+    n = 4
+    z = (0.1 * torch.randn(n, classes, dtype=torch.float64)).requires_grad_()
+    t = torch.randint(0, classes, (n,))
+    (gz,) = torch.autograd.grad(net(z, t), z)
+    p = torch.softmax(z.detach(), -1).requires_grad_()
+    y = F.one_hot(t, classes).double()
+    (gp,) = torch.autograd.grad(net.g(torch.stack((p, y), -1)).sum(), p)
+    expected = p.detach() * (gp - (p.detach() * gp).sum(-1, keepdim=True)) / n
+    torch.testing.assert_close(gz, expected)
+    # Target logit at uniform p: (1/C)(1 - 1/C)(g'(1/C, 1) - g'(1/C, 0)) / n.
+    u = torch.zeros(1, classes, dtype=torch.float64, requires_grad=True)
+    (gu,) = torch.autograd.grad(net(u, torch.tensor([0])), u)
+    q = torch.full((2,), 1.0 / classes, dtype=torch.float64, requires_grad=True)
+    (slopes,) = torch.autograd.grad(
+        net.g(torch.stack((q, torch.tensor([1.0, 0.0], dtype=torch.float64)), -1)).sum(), q
+    )
+    c = classes
+    torch.testing.assert_close(gu[0, 0], (1 / c) * (1 - 1 / c) * (slopes[0] - slopes[1]))
+
+
 def test_learned_loss_bad_arguments():
+    with pytest.raises(ValueError, match="init must be"):
+        LearnedLoss(init="xavier")
     with pytest.raises(ValueError, match="output_activation"):
         LearnedLoss(output_activation="relu")
     with pytest.raises(ValueError, match="task"):

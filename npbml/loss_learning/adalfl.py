@@ -11,6 +11,15 @@ Phase 2 (online): after every base update of the ordinary training run (:meth:`A
 :class:`npbml.inner.InnerSGD` (identical to :class:`torch.optim.SGD`) so that the meta-gradient
 sees the momentum buffer. ``batch'`` is the next training batch (``meta_batch="next"``, default)
 or a held-out validation batch (``"validation"``); the sources do not settle which one.
+
+Many classes (a design limitation, not a bug): the loss network reads softmax probabilities, so
+its gradient w.r.t. the logits is ``p_k (g'_k - sum_c p_c g'_c)`` -- ``O(1/C)`` while the
+predictions are near uniform. On 242 classes a freshly initialised 2-50-50-1 network gives
+gradients 1e-4 (PyTorch init) to 1e-3 (Kaiming init, the reference code's) of cross-entropy's,
+so the first updates barely move the model and the meta-learner must first grow the slope gap
+``g'(p, 1) - g'(p, 0)`` near ``p = 1/C`` by orders of magnitude. The sum over classes (not a mean)
+is the reference behaviour and already the larger of the two. Measurements and the defaults
+chosen for ``npbml fit`` are in ``docs/results.md`` (loss comparison).
 """
 
 from __future__ import annotations

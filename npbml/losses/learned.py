@@ -19,6 +19,7 @@ from npbml.activations import smooth_leaky_relu
 
 TASKS = ("classification", "regression")
 OUTPUT_ACTIVATIONS = ("softplus", "none")
+INITS = ("default", "kaiming")
 
 
 class LearnedLoss(nn.Module):
@@ -36,8 +37,14 @@ class LearnedLoss(nn.Module):
         task: ``"classification"`` or ``"regression"``.
         hidden: widths of the hidden layers (default ``(50, 50)``, METHODS.md sec 4).
         output_activation: ``"softplus"`` (default) or ``"none"``.
-        init_std: if given, every weight starts ``N(0, init_std^2)``; else PyTorch's default
-            ``nn.Linear`` initialisation.
+        init_std: if given, every weight starts ``N(0, init_std^2)`` (overrides ``init``).
+        init: ``"default"`` (PyTorch's ``nn.Linear`` init, weight std ``1/sqrt(3 fan_in)``) or
+            ``"kaiming"`` (``N(0, 2/fan_in)``, as in the AdaLFL reference code). Kaiming weights
+            are 2.4x larger per layer, so the initial loss (and its gradient) is ~15x larger for
+            the 2-50-50-1 network. The gradient of a loss on softmax probabilities w.r.t. the
+            logits is ``p_k (g'_k - sum_c p_c g'_c)``: with ``C`` classes and ``p ~ 1/C`` at
+            initialisation it is ``O(1/C)``, so the init scale matters more with many classes
+            (see ``docs/results.md``, loss comparison).
         reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` (per example).
     """
 
@@ -48,6 +55,7 @@ class LearnedLoss(nn.Module):
         output_activation: str = "softplus",
         init_std: float | None = None,
         reduction: str = "mean",
+        init: str = "default",
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -56,6 +64,8 @@ class LearnedLoss(nn.Module):
             raise ValueError(
                 f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
             )
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         widths = [2, *[int(h) for h in hidden], 1]
@@ -70,6 +80,9 @@ class LearnedLoss(nn.Module):
         if init_std is not None:
             for layer in self.layers:
                 nn.init.normal_(layer.weight, 0.0, float(init_std))
+        elif init == "kaiming":
+            for layer in self.layers:
+                nn.init.kaiming_normal_(layer.weight)
 
     def pairs(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The ``[N, C, 2]`` stack of (prediction, target) pairs the per-class MLP reads."""
