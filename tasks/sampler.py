@@ -19,7 +19,50 @@ class EpisodeSource(Protocol):
     def sample(self, index: int | None = None) -> Episode: ...
 
 
-class TaskSampler:
+class IndexedEpisodes:
+    """Stream bookkeeping shared by episode sources whose episode ``i`` is a pure function of
+    ``(seed, i)``: the counter, ``sample()`` / ``sample(index)``, meta-batches, iteration and
+    ``state_dict`` (seed + counter is the whole state). Subclasses implement :meth:`episode`."""
+
+    seed: int
+    index: int
+
+    def rng(self, index: int) -> np.random.Generator:
+        """numpy PCG64 stream of episode ``index`` (the same on every platform)."""
+        return np.random.default_rng([self.seed, int(index)])
+
+    def episode(self, index: int) -> Episode:
+        """Episode ``index`` (pure function of ``(seed, index)``)."""
+        raise NotImplementedError
+
+    def sample(self, index: int | None = None) -> Episode:
+        """Episode ``index``; with no index, the next one in this source's stream."""
+        if index is None:
+            index = self.index
+            self.index += 1
+        if index < 0:
+            raise ValueError(f"episode index must be >= 0; got {index}")
+        return self.episode(int(index))
+
+    def sample_batch(self, batch_size: int) -> Episode:
+        """The next ``batch_size`` episodes stacked into a meta-batch (leading task dimension)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        return Episode.stack([self.sample() for _ in range(batch_size)])
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self.index = int(state["index"])
+
+
+class TaskSampler(IndexedEpisodes):
     """Draws N-way K-shot episodes with ``queries`` query images per class.
 
     Episode ``i`` of a sampler is a pure function of ``(seed, i)`` (numpy's PCG64, which gives the
@@ -49,14 +92,7 @@ class TaskSampler:
         self._sizes = dataset.class_sizes()
         self.index = 0
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, int(index)])
-
-    def sample(self, index: int | None = None) -> Episode:
-        """Episode ``index``; with no index, the next one in this sampler's stream."""
-        if index is None:
-            index = self.index
-            self.index += 1
+    def episode(self, index: int) -> Episode:
         rng = self.rng(index)
         classes = rng.choice(self._eligible, size=self.ways, replace=False)
         per_class = self.shots + self.queries
@@ -76,21 +112,6 @@ class TaskSampler:
             query_y=labels.repeat_interleave(self.queries),
             classes=torch.as_tensor(classes, dtype=torch.int64),
         )
-
-    def sample_batch(self, batch_size: int) -> Episode:
-        """The next ``batch_size`` episodes stacked into a meta-batch."""
-        return Episode.stack([self.sample() for _ in range(batch_size)])
-
-    def __iter__(self) -> Iterator[Episode]:
-        while True:
-            yield self.sample()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self.index = int(state["index"])
 
     def __repr__(self) -> str:
         return (

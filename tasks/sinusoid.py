@@ -25,13 +25,13 @@ PCG64, identical on every platform), so streams are reproducible, resumable from
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from tasks.episode import Episode
+from tasks.sampler import IndexedEpisodes
 
 
 def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
@@ -44,7 +44,7 @@ def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-class SinusoidTasks:
+class SinusoidTasks(IndexedEpisodes):
     """Sinusoid regression episodes (Finn et al. 2017, sec. 5.1).
 
     ``sample(index)`` returns an :class:`~tasks.episode.Episode` with float32 tensors
@@ -80,16 +80,8 @@ class SinusoidTasks:
         """The task function ``A sin(x - phase)`` (MAML sec. 5.1, reference-code sign)."""
         return amplitude * torch.sin(x - phase)
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, int(index)])
-
-    def sample(self, index: int | None = None) -> Episode:
-        """Task ``index``; with no index, the next one in this sampler's stream."""
-        if index is None:
-            index = self.index
-            self.index += 1
-        if index < 0:
-            raise ValueError(f"task index must be >= 0; got {index}")
+    def episode(self, index: int) -> Episode:
+        """Task ``index`` (a pure function of ``(seed, index)``)."""
         rng = self.rng(index)
         amplitude = rng.uniform(*self.amplitude_range)
         phase = rng.uniform(*self.phase_range)
@@ -105,23 +97,6 @@ class SinusoidTasks:
             query_y=y32[self.shots :],
             classes=torch.tensor([amplitude, phase], dtype=torch.float32),
         )
-
-    def sample_batch(self, batch_size: int) -> Episode:
-        """The next ``batch_size`` tasks stacked into a meta-batch (leading task dimension)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        return Episode.stack([self.sample() for _ in range(batch_size)])
-
-    def __iter__(self) -> Iterator[Episode]:
-        while True:
-            yield self.sample()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self.index = int(state["index"])
 
     def __repr__(self) -> str:
         return (

@@ -42,7 +42,13 @@ class ANIL(GradientLearner):
                 f"ANIL adapts only head parameters, but adapt= also selects {outside}; use MAML"
             )
 
-    def inner_inputs(self, support_x: torch.Tensor, mode: str) -> torch.Tensor:
+    def inner_inputs(
+        self,
+        support_x: torch.Tensor,
+        mode: str,
+        support_y: torch.Tensor | None = None,
+        query_x: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if mode == "second":
             return self.model.features(support_x)
         # First order / test time: the support features only feed constant inner gradients.

@@ -158,8 +158,15 @@ class GradientLearner(nn.Module):
         """Functional forward of the model with ``params`` (missing entries: the model's own)."""
         return functional_forward(self.model, params, x)
 
-    def inner_inputs(self, support_x: torch.Tensor, mode: str) -> Any:
-        """What :meth:`inner_forward` consumes; computed once per task (ANIL: body features)."""
+    def inner_inputs(
+        self,
+        support_x: torch.Tensor,
+        mode: str,
+        support_y: torch.Tensor | None = None,
+        query_x: torch.Tensor | None = None,
+    ) -> Any:
+        """What :meth:`inner_objective` consumes; computed once per task (ANIL: body features;
+        NPBML: frozen features of ``[S_x; Q_x]`` and relation scores). Never sees query labels."""
         return support_x
 
     def inner_forward(self, inputs: Any, params: Params) -> torch.Tensor:
@@ -237,7 +244,7 @@ class GradientLearner(nn.Module):
         opt = self.inner_optimizer
         names = self.adapted_names
         with torch.enable_grad():
-            inputs = self.inner_inputs(support_x, mode)
+            inputs = self.inner_inputs(support_x, mode, support_y, query_x)
             state = opt.init(params)
             for j in range(steps):
                 # Off the second-order path the gradient is taken at a detached copy, so the

@@ -465,63 +465,57 @@ class NPBML(GradientLearner):
         mode: str,
         query_x: torch.Tensor | None = None,
     ) -> Params:
-        """NPBML inner loop (METHODS.md sec. 3, inner rule). Never sees query labels."""
-        if mode not in ("second", "first", "none"):
-            raise ValueError(f"mode must be 'second', 'first' or 'none', got {mode!r}")
-        if support_x.shape[0] != support_y.shape[0]:
-            raise ValueError(
-                f"support_x has {support_x.shape[0]} examples but support_y has "
-                f"{support_y.shape[0]}; pass one task (no leading task dimension) to adapt()"
-            )
+        """NPBML inner loop (METHODS.md sec. 3, inner rule): the base class's unroll with
+        :meth:`inner_inputs` / :meth:`inner_objective` below. Never sees query labels."""
         loss_fn = self.task_loss_fn
-        needs_query = loss_fn is not None and loss_fn.needs_query
-        if needs_query and query_x is None:
+        if loss_fn is not None and loss_fn.needs_query and query_x is None:
             raise ValueError(
                 "NPBML with the transductive loss term needs the unlabelled query inputs: "
                 "call adapt(support_x, support_y, query_x=...)"
             )
-        track = mode != "none"
-        create_graph = mode == "second"
+        return super()._adapt(support_x, support_y, steps, mode, query_x)
+
+    def inner_inputs(
+        self,
+        support_x: torch.Tensor,
+        mode: str,
+        support_y: torch.Tensor | None = None,
+        query_x: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+        """Once per task: frozen-block features of ``[S_x; Q_x]`` (BN statistics over both; no
+        graph), the frozen relation network's query scores, the support size and whether the
+        forward is joint."""
+        loss_fn = self.task_loss_fn
+        needs_query = loss_fn is not None and loss_fn.needs_query
         joint = query_x is not None and (self.joint_forward or needs_query)
-        n_s = support_x.shape[0]
         x_in = torch.cat([support_x, query_x]) if joint else support_x
-        h0 = self.frozen_features(x_in)
-        scores = self.relation_scores(support_x, support_y, query_x) if needs_query else None
-        params = self.initial_params()
-        if not track:
-            params = {n: p.detach() for n, p in params.items()}
-        opt = self.inner_optimizer
-        names = self.adapted_names
-        with torch.enable_grad():
-            state = opt.init(params)
-            for _ in range(steps):
-                p_in = (
-                    params
-                    if create_graph
-                    else {n: p.detach().requires_grad_(True) for n, p in params.items()}
-                )
-                logits = self.forward_from(h0, p_in, self.frozen_prefix)
-                s_logits = logits[:n_s]
-                if loss_fn is None:
-                    loss = F.cross_entropy(s_logits, support_y)
-                else:
-                    loss = loss_fn(
-                        s_logits,
-                        support_y,
-                        params=p_in,
-                        query_logits=logits[n_s:] if joint else None,
-                        relation_scores=scores,
-                    )
-                grads = torch.autograd.grad(
-                    loss, tuple(p_in.values()), create_graph=create_graph, materialize_grads=True
-                )
-                grad_dict = dict(zip(names, grads))
-                if track:
-                    params, state = opt.step(params, grad_dict, state)
-                else:
-                    with torch.no_grad():
-                        params, state = opt.step(params, grad_dict, state)
-        return params
+        scores = None
+        if needs_query:
+            assert support_y is not None and query_x is not None
+            scores = self.relation_scores(support_x, support_y, query_x)
+        return self.frozen_features(x_in), scores, support_x.shape[0], joint
+
+    def inner_objective(
+        self,
+        params: Params,
+        inputs: Any,
+        support_y: torch.Tensor,
+        step: int,
+        support_x: torch.Tensor,
+        query_x: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The task-adaptive loss M (CE alone when no loss network is configured)."""
+        h0, scores, n_s, joint = inputs
+        logits = self.forward_from(h0, params, self.frozen_prefix)
+        if self.task_loss_fn is None:
+            return F.cross_entropy(logits[:n_s], support_y)
+        return self.task_loss_fn(
+            logits[:n_s],
+            support_y,
+            params=params,
+            query_logits=logits[n_s:] if joint else None,
+            relation_scores=scores,
+        )
 
     def adapt_task(self, task: Episode, mode: str | None = None) -> Params:
         """Adapted parameters for one task; uses ``support_x, support_y, query_x`` only."""
