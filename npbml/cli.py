@@ -183,6 +183,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(
         config, out, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet
     )
+    if result.rank != 0:
+        return 0  # under torchrun, rank 0 alone reports
     best = result.best_val_accuracy
     status = "finished" if result.finished else "paused"
     print(

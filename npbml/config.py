@@ -107,6 +107,9 @@ class TrainConfig:
     (``None``: torch's default; 1 is fastest on a machine shared with other jobs).
     ``per_task_backward``: back-propagate each task of a meta-batch as soon as its loss is known
     (``learner.meta_backward``; same gradient, memory of one task instead of B).
+    ``task_workers``: run the tasks of a meta-batch on this many CPU threads (> 1 implies
+    per-task backward; bit-identical gradient; use with ``threads: 1``, workers x threads <=
+    cores; :mod:`npbml.algorithms.task_parallel`).
     ``max_nonfinite_steps``: a meta-step whose meta-loss or meta-gradient is not finite is
     skipped with a warning; this many skips in a row stop the run (the last checkpoint is kept).
     """
@@ -127,6 +130,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None
     per_task_backward: bool = False
+    task_workers: int = 1
     max_nonfinite_steps: int = 5
 
 
@@ -356,6 +360,8 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {v}")
     if cfg.train.meta_lr <= 0:
         raise ConfigError(f"train.meta_lr must be > 0, got {cfg.train.meta_lr}")
+    if cfg.train.task_workers < 1:
+        raise ConfigError(f"train.task_workers must be >= 1, got {cfg.train.task_workers}")
     if cfg.train.threads is not None and cfg.train.threads < 1:
         raise ConfigError(f"train.threads must be >= 1 or null, got {cfg.train.threads}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:

@@ -44,6 +44,7 @@ from npbml.config import ConfigError, _build, read_yaml
 from npbml.inner import InnerSGD
 from npbml.loss_learning.adalfl import AdaLFL
 from npbml.loss_learning.ml3 import ML3
+from npbml.loss_learning.warm_start import regress_to_cross_entropy
 from npbml.losses import LearnedLoss, build_loss
 
 
@@ -54,7 +55,9 @@ from npbml.losses import LearnedLoss, build_loss
 class FitDataConfig:
     """``kind="omniglot"``: the Omniglot ``splits`` under ``root`` (characters present in several
     splits are kept once), each class split into train / ``val_per_class`` / ``test_per_class``
-    images. ``kind="arrays"``: an ``.npz`` at ``path`` with ``x`` and ``y`` (integer ``y`` for
+    images; ``first_classes=K`` keeps only the first ``K`` classes in split order (e.g. 20:
+    Balinese characters 1-20 of ``background_small1``), a few-class problem from the same data.
+    ``kind="arrays"``: an ``.npz`` at ``path`` with ``x`` and ``y`` (integer ``y`` for
     classification, float for regression) split by ``val_fraction`` / ``test_fraction``."""
 
     kind: Literal["omniglot", "arrays"] = "omniglot"
@@ -63,6 +66,7 @@ class FitDataConfig:
     image_size: int = 28
     val_per_class: int = 3
     test_per_class: int = 3
+    first_classes: int | None = None
     path: str | None = None
     task: Literal["classification", "regression"] = "classification"
     val_fraction: float = 0.1
@@ -101,13 +105,24 @@ class FitLossConfig:
 
     Learned losses (``learned``, ``ml3``, ``adalfl``): ``hidden``, ``output_activation`` and
     ``init`` (PyTorch's ``"default"``, or ``"kaiming"`` as the AdaLFL reference code) shape the
-    loss network; ``checkpoint`` optionally loads its ``state_dict``. ``offline_steps`` ML3 meta
-    steps (``ml3``: required; ``adalfl``: its phase-1 initialisation) run on a copy of the model
-    with the base optimizer unrolled, one model continued throughout unless ``reset_every=k``
+    loss network; ``inputs`` (``"prob"``, the papers' softmax input, or ``"log_prob"``, this
+    toolkit's option against the ``O(1/C)`` gradient scale of the papers' form,
+    :class:`~npbml.losses.LearnedLoss`);
+    ``ce_warm_start=k > 0`` (also a toolkit option, not in the papers) first regresses the loss
+    network onto cross-entropy for ``k`` Adam steps
+    (:func:`npbml.loss_learning.warm_start.regress_to_cross_entropy`), so that meta-learning
+    starts from a loss that trains the model; ``checkpoint`` optionally loads its
+    ``state_dict``. ``offline_steps`` ML3 meta steps (``ml3``: required; ``adalfl``: its
+    phase-1 initialisation) run on a copy of the model with the base optimizer unrolled, one
+    model continued throughout unless ``reset_every=k``
     (a fresh copy of the initial model every ``k`` steps); ``meta_lr`` is the Adam rate of the
     loss network, ``meta_batch`` what feeds the meta-objective (``"next"`` / another training
-    batch, or ``"validation"``). ``evolved``: ``checkpoint`` is an ``npbml evolve`` output folder
-    or an ``EvolvedLoss`` JSON file.
+    batch, ``"validation"``, or ``"same"``: the batch of the inner step itself, as ML3's
+    reference code, facebookresearch/LearningToLearn ``ml3/mnist_task.py``; with many classes
+    a class occurs about once per batch, so a different batch gives the one-step objective
+    little class-specific signal, see ``docs/results.md``). ``evolved``: ``checkpoint`` is an
+    ``npbml evolve`` output
+    folder or an ``EvolvedLoss`` JSON file.
     """
 
     name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "ml3", "adalfl", "evolved"] = (
@@ -117,9 +132,11 @@ class FitLossConfig:
     hidden: list[int] = field(default_factory=lambda: [50, 50])
     output_activation: Literal["softplus", "none"] = "softplus"
     init: Literal["default", "kaiming"] = "default"
+    inputs: Literal["prob", "log_prob"] = "prob"
+    ce_warm_start: int = 0
     checkpoint: str | None = None
     meta_lr: float = 1e-3
-    meta_batch: Literal["next", "validation"] = "next"
+    meta_batch: Literal["next", "validation", "same"] = "next"
     offline_steps: int = 0
     reset_every: int | None = None
 
@@ -171,10 +188,24 @@ def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
             "loss.name='ml3' meta-learns the loss offline first: set loss.offline_steps >= 1 "
             "(or load a trained loss network with loss.checkpoint)"
         )
+    if cfg.loss.ce_warm_start < 0:
+        raise ConfigError(f"loss.ce_warm_start must be >= 0, got {cfg.loss.ce_warm_start}")
+    if cfg.loss.ce_warm_start and cfg.loss.checkpoint is not None:
+        raise ConfigError(
+            "loss.ce_warm_start regresses a fresh loss network onto cross-entropy; it cannot be "
+            "combined with loss.checkpoint (set one of them)"
+        )
     if cfg.loss.offline_steps < 0:
         raise ConfigError(f"loss.offline_steps must be >= 0, got {cfg.loss.offline_steps}")
     if cfg.loss.reset_every is not None and cfg.loss.reset_every < 1:
         raise ConfigError(f"loss.reset_every must be >= 1 or null, got {cfg.loss.reset_every}")
+    if cfg.data.first_classes is not None:
+        if cfg.data.first_classes < 2:
+            raise ConfigError(
+                f"data.first_classes must be >= 2 or null, got {cfg.data.first_classes}"
+            )
+        if cfg.data.kind != "omniglot":
+            raise ConfigError("data.first_classes selects classes of data.kind='omniglot' only")
     if cfg.data.kind == "arrays" and cfg.data.path is None:
         raise ConfigError("data.kind='arrays' needs data.path (an .npz with arrays x and y)")
     return cfg
@@ -282,7 +313,17 @@ def build_fit_data(cfg: FitConfig) -> FitData:
     """The datasets named by ``cfg.data``."""
     d = cfg.data
     if d.kind == "omniglot":
-        return split_class_dataset(_omniglot(d), d.val_per_class, d.test_per_class, cfg.train.seed)
+        dataset = _omniglot(d)
+        if d.first_classes is not None:
+            from tasks.dataset import SubsetClasses
+
+            if d.first_classes > dataset.num_classes:
+                raise ConfigError(
+                    f"data.first_classes={d.first_classes} but the splits {d.splits} hold only "
+                    f"{dataset.num_classes} classes; lower it or add splits"
+                )
+            dataset = SubsetClasses(dataset, list(range(d.first_classes)))
+        return split_class_dataset(dataset, d.val_per_class, d.test_per_class, cfg.train.seed)
     arrays = np.load(d.path)
     for key in ("x", "y"):
         if key not in arrays:
@@ -322,12 +363,15 @@ def _offline_pairs(
     device: torch.device,
 ):
     """Endless ``(train_batch, meta_batch)`` pairs for the offline (ML3) phase, a pure function
-    of ``seed``: the meta batch is another random training batch, or a validation batch."""
+    of ``seed``: the meta batch is another random training batch, a validation batch, or the
+    training batch itself (``"same"``)."""
     (x, y), (vx, vy) = train, val
     g = np.random.default_rng([seed, 99])
     while True:
         i = g.integers(0, len(x), batch_size)
-        if meta_batch == "validation":
+        if meta_batch == "same":
+            mb = (x[i].to(device), y[i].to(device))
+        elif meta_batch == "validation":
             j = g.integers(0, len(vx), batch_size)
             mb = (vx[j].to(device), vy[j].to(device))
         else:
@@ -424,7 +468,17 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None
     loss_fn: nn.Module | Any
     if lc.name in ("learned", "ml3", "adalfl"):
-        loss_fn = LearnedLoss(data.task, lc.hidden, lc.output_activation, init=lc.init).to(device)
+        loss_fn = LearnedLoss(
+            data.task,
+            lc.hidden,
+            lc.output_activation,
+            init=lc.init,
+            inputs=lc.inputs,
+        ).to(device)
+        if lc.ce_warm_start:
+            if data.task != "classification":
+                raise ConfigError("loss.ce_warm_start is for classification (data.task)")
+            regress_to_cross_entropy(loss_fn, steps=lc.ce_warm_start, seed=t.seed)
         if lc.checkpoint is not None:
             loss_fn.load_state_dict(
                 torch.load(lc.checkpoint, map_location=device, weights_only=True)
@@ -547,6 +601,8 @@ def fit(
                 if len(nxt) == 0:  # last batch of the epoch: the next epoch's first batch
                     nxt = _epoch_order(t.seed, epoch + 1, n)[: t.batch_size]
                 base, meta = adalfl.step((xb, yb), (x[nxt].to(device), y[nxt].to(device)))
+            elif lc.meta_batch == "same":
+                base, meta = adalfl.step((xb, yb), (xb, yb))
             else:
                 vi = val_batches.indices(step)
                 base, meta = adalfl.step((xb, yb), (vx[vi].to(device), vy[vi].to(device)))

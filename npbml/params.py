@@ -25,6 +25,7 @@ __all__ = [
     "named_params",
     "split_params",
     "strip_prefix",
+    "tensor_paths",
 ]
 
 
@@ -113,6 +114,49 @@ class _MethodCall(nn.Module):
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
+def tensor_paths(module: nn.Module) -> dict[str, list[str]]:
+    """``{canonical name: every attribute path holding that tensor}`` for parameters and buffers.
+
+    The canonical name is the one ``named_parameters()`` / ``named_buffers()`` report (first
+    occurrence). A tensor has several paths when two different modules hold it (tied weights,
+    e.g. an embedding and a decoder), and one path when one module is reachable under several
+    names (a submodule registered twice, as learn2learn's ``OmniglotCNN`` does with ``base`` and
+    ``features.1``): each (module object, attribute) pair is listed once.
+    """
+    canonical: dict[int, str] = {}
+    for name, t in module.named_parameters():
+        canonical.setdefault(id(t), name)
+    for name, t in module.named_buffers():
+        canonical.setdefault(id(t), name)
+    paths: dict[str, list[str]] = {}
+    for prefix, sub in module.named_modules():  # each module object once
+        for table in (sub._parameters, sub._buffers):
+            for attr, t in table.items():
+                if t is not None and id(t) in canonical:
+                    full = f"{prefix}.{attr}" if prefix else attr
+                    paths.setdefault(canonical[id(t)], []).append(full)
+    return paths
+
+
+def _substitute(
+    module: nn.Module, params: Mapping[str, torch.Tensor], args: tuple, kwargs: dict
+) -> Any:
+    """``functional_call`` that leaves ``module`` unchanged even when a submodule is shared.
+
+    With its default ``tie_weights=True``, ``torch.func.functional_call`` (torch 2.13) replaces
+    the tensors of a submodule reachable under two names but restores only one of them, so the
+    substituted (non-leaf) tensors stay in the module after the call (pytorch/pytorch#164759,
+    fix proposed in PR #195593). Substituting every (module, attribute) pair exactly once with
+    ``tie_weights=False`` is both correct for tied weights and restores everything.
+    """
+    paths = tensor_paths(module)
+    expanded: dict[str, torch.Tensor] = {}
+    for name, value in params.items():
+        for path in paths.get(name, (name,)):
+            expanded[path] = value
+    return functional_call(module, expanded, args, kwargs, strict=False, tie_weights=False)
+
+
 def functional_forward(
     module: nn.Module,
     params: Mapping[str, torch.Tensor] | None,
@@ -125,13 +169,13 @@ def functional_forward(
     Entries missing from ``params`` (for example the frozen or not-adapted parameters, and the
     buffers) are taken from the module itself, so ``params`` may hold only the adapted subset.
     ``method`` calls another method (e.g. ``"features"``) under the same substitution. The
-    module is not modified: this is :func:`torch.func.functional_call` (no deep copies).
+    module is not modified: this is :func:`torch.func.functional_call` (no deep copies), with
+    tied weights and shared submodules handled (:func:`tensor_paths`).
     """
     if not params:
         return getattr(module, method)(*args, **kwargs)
     if method == "forward":
-        d = params if isinstance(params, dict) else dict(params)
-        return functional_call(module, d, args, kwargs, strict=False)
+        return _substitute(module, params, args, kwargs)
     wrapper = _MethodCall(module, method)
     prefixed = {"module." + k: v for k, v in params.items()}
-    return functional_call(wrapper, prefixed, args, kwargs, strict=False)
+    return _substitute(wrapper, prefixed, args, kwargs)

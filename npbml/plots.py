@@ -38,15 +38,18 @@ def learned_loss_curves(loss_net: LearnedLoss, points: int = 201) -> dict[str, t
     """``g_phi(p, 1)`` and ``g_phi(p, 0)`` on ``p`` in ``[0, 1]``: the per-class learned loss.
 
     The pairs go straight into the per-class MLP (no softmax), so the curves show the function
-    of the predicted probability itself.
+    of the predicted probability itself; a loss with ``inputs="log_prob"`` is fed ``log p``
+    (``p`` then starts just above 0, where ``log p`` is finite).
     """
     if loss_net.task != "classification":
         raise ValueError("learned_loss_curves plots a classification LearnedLoss")
-    p = torch.linspace(0.0, 1.0, points)
+    log_inputs = getattr(loss_net, "inputs", "prob") == "log_prob"
+    p = torch.linspace(1.0 / points if log_inputs else 0.0, 1.0, points)
     weight = next(loss_net.parameters())
     out = {"p": p}
+    x = p.log() if log_inputs else p
     for name, y in (("target", 1.0), ("non_target", 0.0)):
-        pairs = torch.stack((p, torch.full_like(p, y)), -1).to(weight)
+        pairs = torch.stack((x, torch.full_like(x, y)), -1).to(weight)
         out[name] = loss_net.g(pairs).cpu()
     return out
 

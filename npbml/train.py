@@ -20,6 +20,15 @@ the best validation accuracy; ``metrics.jsonl`` is cut back to the checkpoint's 
 at any point and resumed from ``last.pt`` ends with bit-identical parameters and the same metric
 lines (up to the wall-clock fields :data:`TIMING_KEYS`) as an uninterrupted run on the same CPU
 with the same number of threads (``train.threads``).
+
+Multi-process runs (``torchrun --nproc_per_node=P -m npbml train ...``, see
+:mod:`npbml.distributed`): each of the ``W`` ranks computes the meta-gradient of its ``B/W``
+tasks of the meta-batch (a contiguous slice of the single-process task stream), the gradients
+and train metrics are averaged across ranks before the step, validation episodes are split
+across ranks (floating-point buffers such as BatchNorm running statistics are averaged across
+ranks first), and rank 0 alone writes the run directory. A checkpoint also holds every rank's RNG
+states; it resumes with any number of processes that divides ``B`` (the task stream does not
+depend on it). Without torchrun's environment none of this runs: a single process is unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +55,22 @@ from npbml.checkpoint import (
     set_rng_state,
 )
 from npbml.config import Config, ConfigError, config_from_dict, diff_configs
+from npbml.distributed import (
+    DistContext,
+    all_gather_object,
+    all_reduce_gradients,
+    all_reduce_metrics,
+    broadcast_flag,
+    broadcast_module,
+    broadcast_object,
+    evaluate_sharded,
+    init_distributed,
+    local_batch_size,
+    rank_seed,
+    sample_shard,
+    shutdown,
+    sync_buffers,
+)
 from npbml.evaluate import evaluate
 from tasks.benchmarks import TaskSets, get_tasksets
 from tasks.errors import TaskDataError
@@ -60,6 +85,7 @@ RESUMABLE_CHANGES = {
     "train.checkpoint_every",
     "train.device",
     "train.threads",
+    "train.task_workers",
     "train.log_every",
     "eval.tasks",
     "eval.split",
@@ -74,7 +100,8 @@ class TrainResult:
     """Outcome of :func:`train`: where it wrote, how far it got, its best validation accuracy.
 
     ``learner`` holds the final parameters (``out_dir/best.pt`` the best-validation ones);
-    ``finished`` is False when the run was paused before ``meta_steps``.
+    ``finished`` is False when the run was paused before ``meta_steps``. ``rank`` /
+    ``world_size``: this process's place in a multi-process run (0 / 1 for a single process).
     """
 
     out_dir: Path
@@ -83,6 +110,8 @@ class TrainResult:
     learner: nn.Module
     config: Config
     finished: bool
+    rank: int = 0
+    world_size: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,16 +385,26 @@ def train(
     step's files are written, with the metric records of that step; an exception raised there
     aborts the run as a crash would. ``tasksets``: samplers already built by
     :func:`make_tasksets` for this config (saves building them again).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this with the same arguments;
+    they form one data-parallel run (module docstring). ``callbacks`` then run on every rank with
+    the same records (up to timing fields); ``stop_when`` and ``max_seconds`` are decided on
+    rank 0. A meta-batch size not divisible by the number of processes is a :class:`ConfigError`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t = config.train
     device = resolve_device(t.device)
     threads_before = torch.get_num_threads()
     if t.threads is not None:
         torch.set_num_threads(t.threads)
+    ctx: DistContext | None = None
+    ok = False
     try:
-        return _train(
+        ctx = init_distributed(device)
+        local_batch_size(t.meta_batch_size, ctx.world_size)
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        result = _train(
             config,
             out,
             resume,
@@ -375,10 +414,54 @@ def train(
             stop_when,
             tasksets,
             progress,
-            device,
+            ctx.device,
+            ctx,
         )
+        ok = True
+        return result
     finally:
         torch.set_num_threads(threads_before)
+        if ctx is not None and ctx.owns_group:
+            # After an error the other ranks may be stuck in a collective: no final barrier then
+            # (torchrun stops the group when a process exits with an error).
+            if ok:
+                shutdown(ctx)
+            else:
+                torch.distributed.destroy_process_group()
+
+
+def _load_resume_state(
+    config: Config, out: Path, last_path: Path, resume: bool, device: torch.device, ctx: DistContext
+) -> dict[str, Any] | None:
+    """The checkpoint to resume from (``None``: start over). In a multi-process run rank 0 reads
+    and checks it and sends it to the others (no shared file system needed), or sends its error,
+    which every rank then raises, so that no rank is left waiting in a collective."""
+    if not ctx.distributed:
+        if not (resume and last_path.exists()):
+            return None
+        state = load_checkpoint(last_path, map_location=device)
+        _check_format(state, last_path)
+        _check_resumable(config_from_dict(state["config"]), config, out)
+        return state
+    payload: Any = None
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            if resume and last_path.exists():
+                state = load_checkpoint(last_path, map_location="cpu")
+                _check_format(state, last_path)
+                _check_resumable(config_from_dict(state["config"]), config, out)
+                payload = ("state", state)
+            else:
+                payload = ("fresh", None)
+        except (CheckpointError, ConfigError) as e:
+            error, payload = e, ("error", type(e).__name__, str(e))
+    payload = broadcast_object(payload, ctx)
+    if payload[0] == "error":
+        if error is not None:
+            raise error
+        raise (CheckpointError if payload[1] == "CheckpointError" else ConfigError)(payload[2])
+    return payload[1]
 
 
 def _train(
@@ -392,7 +475,10 @@ def _train(
     tasksets: TaskSets | None,
     progress: bool,
     device: torch.device,
+    ctx: DistContext | None = None,
 ) -> TrainResult:
+    ctx = ctx if ctx is not None else DistContext(device=device)
+    main = ctx.is_main
     t = config.train
     metrics_path = out / "metrics.jsonl"
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -401,6 +487,11 @@ def _train(
         tasksets = make_tasksets(config)
     model_kwargs = infer_model_kwargs(config, tasksets)
     learner = build_learner(config, model_kwargs).to(device)
+    broadcast_module(learner, ctx)
+    if ctx.rank > 0:
+        # Global RNGs (dropout, augmentation) independent across ranks; rank 0 keeps the
+        # single-process stream.
+        seed_everything(rank_seed(t.seed, ctx.rank))
     params = _meta_parameters(learner)
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer)
@@ -408,48 +499,62 @@ def _train(
     step, best, nonfinite_streak = 0, None, 0
     sums: dict[str, Any] = {}
     n_since_log = 0
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path, map_location=device)
-        _check_format(state, last_path)
-        _check_resumable(config_from_dict(state["config"]), config, out)
+    state = _load_resume_state(config, out, last_path, resume, device, ctx)
+    if state is not None:
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         for split in ("train", "validation", "test"):
             getattr(tasksets, split).load_state_dict(state["samplers"][split])
-        set_rng_state(state["rng"])
         step, best = int(state["step"]), state["best_val_accuracy"]
+        per_rank = state.get("rng_ranks")
+        if per_rank is not None and len(per_rank) == ctx.world_size:
+            set_rng_state(per_rank[ctx.rank])
+        elif ctx.rank == 0:
+            set_rng_state(state["rng"])
+        else:  # resumed with another number of processes: fresh streams for the other ranks
+            seed_everything(rank_seed(t.seed * 1_000_003 + step, ctx.rank))
         acc = state.get("log_accumulator") or {"sums": {}, "n": 0}
         sums, n_since_log = dict(acc["sums"]), int(acc["n"])
         nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        _truncate_metrics(metrics_path, step)
-    else:
+        if main:
+            _truncate_metrics(metrics_path, step)
+    elif main:
         metrics_path.write_text("")
         for p in (last_path, best_path):
             p.unlink(missing_ok=True)
-    config.save(out / "config.yaml")
+    del state
+    if main:
+        config.save(out / "config.yaml")
 
     def checkpoint(path: Path) -> None:
-        save_checkpoint(
-            path,
-            _state(
-                config,
-                model_kwargs,
-                step,
-                learner,
-                optimizer,
-                scheduler,
-                tasksets,
-                best,
-                sums,
-                n_since_log,
-                nonfinite_streak,
-            ),
+        # Collective in a multi-process run: every rank calls it at the same steps.
+        rngs = None
+        if ctx.distributed:
+            sync_buffers(learner, ctx)
+            rngs = all_gather_object(rng_state(), ctx)
+        if not main:
+            return
+        st = _state(
+            config,
+            model_kwargs,
+            step,
+            learner,
+            optimizer,
+            scheduler,
+            tasksets,
+            best,
+            sums,
+            n_since_log,
+            nonfinite_streak,
         )
+        if rngs is not None:
+            st.update(world_size=ctx.world_size, rng_ranks=rngs)
+        save_checkpoint(path, st)
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=t.meta_steps, initial=step, desc="meta-train", dynamic_ncols=True)
@@ -460,12 +565,12 @@ def _train(
     try:
         while step < t.meta_steps:
             learner.train()
-            batch = tasksets.train.sample_batch(t.meta_batch_size)
+            batch = sample_shard(tasksets.train, t.meta_batch_size, ctx)
             if device.type != "cpu":
                 batch = batch.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            if t.per_task_backward:
-                info = learner.meta_backward(batch)
+            if t.per_task_backward or t.task_workers > 1:
+                info = learner.meta_backward(batch, workers=t.task_workers)
                 loss = None
             else:
                 loss, info = learner.outer_loss(batch)
@@ -475,6 +580,19 @@ def _train(
             norm = _grad_norm(params)
             meta_loss = info.get("loss", loss.detach() if loss is not None else 0.0)
             finite = bool(torch.isfinite(norm)) and math.isfinite(float(meta_loss))
+            if ctx.distributed:
+                # Mean over the ranks' equal shares = mean over the B tasks; the skip decision
+                # below must be the same on every rank, or the ranks fall out of step.
+                all_reduce_gradients(params, ctx)
+                acc = info.get("accuracy")
+                meta_loss, acc, finite = all_reduce_metrics(
+                    float(meta_loss), None if acc is None else float(acc), finite, ctx
+                )
+                info = {**info, "loss": meta_loss}
+                if acc is not None:
+                    info["accuracy"] = acc
+                norm = _grad_norm(params)
+                finite = finite and bool(torch.isfinite(norm))
             step += 1
             tasks_since_log += t.meta_batch_size
             if not finite:
@@ -483,14 +601,15 @@ def _train(
                 skip = {"step": step, "split": "train", "skipped": "nonfinite"}
                 # Strings, so that metrics.jsonl stays strict JSON (no NaN/Infinity literals).
                 skip.update(meta_loss=str(float(meta_loss)), grad_norm=str(float(norm)))
-                _append_metrics(metrics_path, skip)
-                warnings.warn(
-                    f"step {step}: non-finite meta-loss ({float(meta_loss)}) or meta-gradient "
-                    f"norm ({float(norm)}); meta-step skipped "
-                    f"({nonfinite_streak}/{t.max_nonfinite_steps} in a row)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                if main:
+                    _append_metrics(metrics_path, skip)
+                    warnings.warn(
+                        f"step {step}: non-finite meta-loss ({float(meta_loss)}) or meta-gradient "
+                        f"norm ({float(norm)}); meta-step skipped "
+                        f"({nonfinite_streak}/{t.max_nonfinite_steps} in a row)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 if nonfinite_streak >= t.max_nonfinite_steps:
                     raise FloatingPointError(
                         f"{nonfinite_streak} meta-steps in a row had a non-finite meta-loss or "
@@ -521,7 +640,8 @@ def _train(
                 record["lr"] = optimizer.param_groups[0]["lr"]
                 record["tasks_per_s"] = tasks_since_log / max(now - t_log, 1e-9)
                 record["time_s"] = now - t_start
-                _append_metrics(metrics_path, record)
+                if main:
+                    _append_metrics(metrics_path, record)
                 records.append(record)
                 if bar is not None:
                     bar.set_postfix(
@@ -536,15 +656,22 @@ def _train(
                 or (max_seconds is not None and time.perf_counter() - t_start >= max_seconds)
                 or (stop_when is not None and bool(stop_when(step)))
             )
+            if max_seconds is not None or stop_when is not None:
+                stop = broadcast_flag(stop, ctx)  # wall-clock decisions: rank 0's for all
             t_pause = time.perf_counter()
             if step % t.val_every == 0 or step == t.meta_steps:
-                res = evaluate(learner, tasksets.validation, t.val_tasks, device=device)
+                if ctx.distributed:
+                    sync_buffers(learner, ctx)
+                    res = evaluate_sharded(learner, tasksets.validation, t.val_tasks, ctx, device)
+                else:
+                    res = evaluate(learner, tasksets.validation, t.val_tasks, device=device)
                 res["eval_s"] = time.perf_counter() - t_pause
                 is_best = best is None or res["accuracy"] > best
                 if is_best:
                     best = res["accuracy"]
                 val_record = {"step": step, "split": "validation", **res, "best": is_best}
-                _append_metrics(metrics_path, val_record)
+                if main:
+                    _append_metrics(metrics_path, val_record)
                 records.append(val_record)
                 if is_best:
                     checkpoint(best_path)
@@ -569,4 +696,4 @@ def _train(
             bar.close()
     if best is None and step > start_step:
         checkpoint(best_path)  # paused before the first validation: best.pt is the latest state
-    return TrainResult(out, step, best, learner, config, finished)
+    return TrainResult(out, step, best, learner, config, finished, ctx.rank, ctx.world_size)

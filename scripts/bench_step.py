@@ -26,10 +26,25 @@ the variant's model, data and meta-training steps needed).
 tracemalloc cannot see torch's allocations, hence RSS. On CUDA devices the script also reports
 ``torch.cuda.max_memory_allocated``.
 
+Against learn2learn (``--against learn2learn``): learn2learn 0.2.0's ``MAML`` with
+``clone()``/``adapt()`` on its ``OmniglotCNN`` (stride-2 convs, BN, mean-pool), per-task
+``backward()`` as in learn2learn's own Omniglot example, vs this engine on *the same module
+object class, the same initial weights and the same episodes* (the engine accepts any
+``nn.Module``), second and first order; plus NPBML's meta-iteration (last block adapted, 5 inner
+steps, FiLM, warp, task-adaptive loss with a relation network) as a ratio to MAML's on the
+equivalent Conv4-64 (strided). Variant names carry their intra-op thread count (``@1t``,
+``@2t``); ``engine-parallel`` runs the tasks on ``--workers`` threads of one intra-op thread each
+(:mod:`npbml.algorithms.task_parallel`). Needs a Python with learn2learn (see
+``scripts/install_learn2learn.sh``); from any other interpreter the script re-runs itself with
+``--l2l-python`` (default: ``$NPBML_L2L_PYTHON``, ``.venv-l2l/bin/python`` or
+``~/.cache/npbml/venv-l2l/bin/python``). Writes ``docs/bench_l2l.json`` and, with
+``--markdown``, its own section of ``docs/benchmarks.md``.
+
 Usage:
     python scripts/bench_step.py                       # all variants, writes docs/bench_step.json
     python scripts/bench_step.py --steps 10 --json     # JSON to stdout
     python scripts/bench_step.py --markdown docs/benchmarks.md   # also update the Markdown table
+    python scripts/bench_step.py --against learn2learn --markdown docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -292,14 +307,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def update_markdown(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MD_START in text and MD_END in text:
-        before, rest = text.split(MD_START, 1)
-        after = rest.split(MD_END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    update_section(path, section, MD_START, MD_END)
 
 
 def _child(args: argparse.Namespace, mode: list[str]) -> dict[str, Any]:
@@ -315,6 +323,320 @@ def _child(args: argparse.Namespace, mode: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------- vs learn2learn
+L2L_MD_START, L2L_MD_END = "<!-- bench_l2l:start -->", "<!-- bench_l2l:end -->"
+L2L_VARIANTS = (
+    "l2l@1t",
+    "l2l@2t",
+    "engine@1t",
+    "engine@2t",
+    "engine-parallel",
+    "l2l-fo@1t",
+    "l2l-fo@2t",
+    "engine-fo@1t",
+    "engine-fo@2t",
+    "engine-parallel-fo",
+    "maml-conv4",
+    "npbml-conv4",
+)
+
+
+def _l2l_python_candidates() -> list[str]:
+    env = os.environ.get("NPBML_L2L_PYTHON")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    paths = [REPO / ".venv-l2l" / "bin" / "python", cache / "npbml" / "venv-l2l" / "bin" / "python"]
+    return ([env] if env else []) + [str(p) for p in paths]
+
+
+def _parse_variant(name: str, workers: int) -> dict[str, Any]:
+    """``"l2l-fo@2t"`` -> kind l2l, first order, 2 intra-op threads, 1 worker."""
+    base, _, threads = name.partition("@")
+    first = base.endswith("-fo")
+    kind = base[: -len("-fo")] if first else base
+    parallel = kind in ("engine-parallel", "maml-conv4", "npbml-conv4")
+    return {
+        "kind": kind,
+        "first_order": first,
+        "threads": int(threads.rstrip("t")) if threads else 1,
+        "workers": workers if parallel else 1,
+    }
+
+
+class L2LRunner:
+    """One variant of the learn2learn comparison: model, meta-learner, Adam and one step."""
+
+    def __init__(self, name: str, args: argparse.Namespace, batch: Episode) -> None:
+        import learn2learn as l2l
+        from learn2learn.vision.models import OmniglotCNN
+
+        self.name, self.batch, self.tasks = name, batch, batch.unstack()
+        self.spec = _parse_variant(name, args.workers)
+        kind, fo = self.spec["kind"], self.spec["first_order"]
+        torch.manual_seed(0)  # identical initial weights for every variant of one network
+        if kind in ("l2l", "engine", "engine-parallel"):
+            self.model: nn.Module = OmniglotCNN(output_size=args.ways)
+        else:
+            self.model = Conv4(1, args.ways, hidden=64, image_size=28, variant="strided")
+        if kind == "l2l":
+            self.learner: nn.Module = l2l.algorithms.MAML(self.model, lr=0.4, first_order=fo)
+        elif kind == "npbml-conv4":
+            from npbml.algorithms import NPBML
+            from npbml.relation import RelationNetwork
+
+            self.learner = NPBML(self.model, relation_net=RelationNetwork(in_channels=1))
+        else:
+            self.learner = MAML(self.model, inner_lr=0.4, inner_steps=1, first_order=fo)
+        params = self.learner.parameters() if kind == "l2l" else self.learner.meta_parameters()
+        self.opt = torch.optim.Adam(params, lr=1e-3)
+
+    def meta_gradient(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.spec["kind"] == "l2l":
+            # learn2learn's examples/vision/maml_omniglot.py: clone, adapt, backward per task.
+            for t in self.tasks:
+                learner = self.learner.clone()
+                learner.adapt(F.cross_entropy(learner(t.support_x), t.support_y))
+                (F.cross_entropy(learner(t.query_x), t.query_y) / len(self.tasks)).backward()
+        else:
+            self.learner.meta_backward(self.batch, workers=self.spec["workers"])
+
+    def step(self) -> float:
+        torch.set_num_threads(self.spec["threads"])
+        t0 = time.perf_counter()
+        self.meta_gradient()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+    def grads(self) -> list[torch.Tensor]:
+        self.meta_gradient()
+        return [p.grad.clone() for p in self.model.parameters()]
+
+
+def run_l2l_timing(args: argparse.Namespace) -> dict[str, Any]:
+    batch = make_batch(args, torch.device("cpu"))
+    runners = {v: L2LRunner(v, args, batch) for v in args.variants}
+    for r in runners.values():
+        for _ in range(args.warmup):
+            r.step()
+    times: dict[str, list[float]] = {v: [] for v in runners}
+    order = list(runners)
+    for i in range(args.steps):
+        for v in order[i % len(order) :] + order[: i % len(order)]:
+            times[v].append(runners[v].step())
+    return {v: _timing_stats(t) for v, t in times.items()}
+
+
+def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
+    import learn2learn  # noqa: F401  (its import cost belongs to "idle", not to a variant)
+
+    idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    batch = make_batch(args, torch.device("cpu"))
+    runner = L2LRunner(args.variant, args, batch)
+    times = [runner.step() for _ in range(args.mem_steps)]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: dict[str, Any] = {
+        "isolated_step_times_s": times,
+        "idle_rss_mib": idle_rss / 1024,
+        "peak_rss_mib": peak_rss / 1024,
+        "above_idle_mib": (peak_rss - idle_rss) / 1024,
+    }
+    spec = runner.spec
+    if spec["kind"] in ("engine", "engine-parallel"):
+        # Same initial weights (seed), same episodes: the meta-gradient must equal learn2learn's.
+        ref = L2LRunner("l2l-fo@1t" if spec["first_order"] else "l2l@1t", args, batch)
+        ours = L2LRunner(args.variant, args, batch)
+        diffs = [float((a - b).abs().max()) for a, b in zip(ours.grads(), ref.grads())]
+        scale = max(float(g.abs().max()) for g in ref.grads())
+        out["max_abs_grad_diff_vs_l2l"] = max(diffs)
+        out["max_abs_grad_l2l"] = scale
+    return out
+
+
+def _l2l_child(args: argparse.Namespace, python: str, mode: list[str]) -> dict[str, Any]:
+    cmd = [python, str(Path(__file__).resolve()), "--against", "learn2learn", *mode]
+    for flag in ("steps", "warmup", "mem_steps", "meta_batch", "ways", "shots", "queries",
+                 "workers"):  # fmt: skip
+        cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    cmd += ["--variants", *args.variants]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"benchmark child {mode} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def find_l2l_python(explicit: str | None) -> str:
+    """An interpreter that imports learn2learn and torch (clear error naming the fix if none)."""
+    candidates = [explicit] if explicit else _l2l_python_candidates()
+    for c in candidates:
+        if c and Path(c).exists():
+            ok = subprocess.run(
+                [c, "-c", "import learn2learn, torch"], capture_output=True, check=False
+            )
+            if ok.returncode == 0:
+                return c
+    raise SystemExit(
+        "--against learn2learn needs a Python with learn2learn 0.2.0; tried "
+        + ", ".join(str(c) for c in candidates)
+        + ". Build one with `bash scripts/install_learn2learn.sh` (or pass --l2l-python)."
+    )
+
+
+def l2l_markdown(result: dict[str, Any]) -> str:
+    s, m = result["setting"], result["machine"]
+    by = {r["variant"]: r for r in result["variants"]}
+    rows = [
+        "| variant | order | intra-op threads x task workers | median step (s) | min step (s) "
+        "| peak RSS above idle (MiB) | max abs grad diff vs learn2learn |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["variants"]:
+        sp = _parse_variant(r["variant"], s["workers"])
+        diff = r.get("max_abs_grad_diff_vs_l2l")
+        rows.append(
+            f"| {r['variant']} | {'first' if sp['first_order'] else 'second'} | "
+            f"{sp['threads']} x {sp['workers']} | {r['step_s_median']:.3f} | "
+            f"{r['step_s_min']:.3f} | {r['above_idle_mib']:.0f} | "
+            f"{'-' if diff is None else f'{diff:.1e}'} |"
+        )
+    lines = []
+
+    def best(prefix: str) -> dict[str, Any] | None:
+        cands = [r for v, r in by.items() if v.startswith(prefix + "@")]
+        return min(cands, key=lambda r: r["step_s_median"]) if cands else None
+
+    for order, suffix in (("second", ""), ("first", "-fo")):
+        ref = best("l2l" + suffix)
+        fast = by.get("engine-parallel" + suffix)
+        seq = best("engine" + suffix)
+        if ref is None:
+            continue
+        for label, r in (("engine-parallel" + suffix, fast), (f"best engine{suffix}@Nt", seq)):
+            if r is None:
+                continue
+            lines.append(
+                f"- {order} order, {label} vs the faster learn2learn setting "
+                f"({ref['variant']}): speed-up {ref['step_s_median'] / r['step_s_median']:.2f}x "
+                f"(median), {ref['step_s_min'] / r['step_s_min']:.2f}x (min); peak memory above "
+                f"idle {r['above_idle_mib']:.0f} vs {ref['above_idle_mib']:.0f} MiB "
+                f"({r['above_idle_mib'] / ref['above_idle_mib']:.2f}x)."
+            )
+        l2l_mem = min(
+            (r for v, r in by.items() if v.startswith("l2l" + suffix + "@")),
+            key=lambda r: r["above_idle_mib"],
+        )
+        lean = [r for v, r in by.items() if v.startswith("engine" + suffix + "@")]
+        if lean:
+            low = min(lean, key=lambda r: r["above_idle_mib"])
+            lines.append(
+                f"- {order} order, lowest engine peak ({low['variant']}) vs lowest learn2learn "
+                f"peak ({l2l_mem['variant']}): {low['above_idle_mib']:.0f} vs "
+                f"{l2l_mem['above_idle_mib']:.0f} MiB "
+                f"({low['above_idle_mib'] / l2l_mem['above_idle_mib']:.2f}x)."
+            )
+    if "maml-conv4" in by and "npbml-conv4" in by:
+        a, b = by["maml-conv4"], by["npbml-conv4"]
+        lines.append(
+            f"- NPBML meta-iteration / MAML meta-iteration on Conv4-64 (strided), both "
+            f"task-parallel: {b['step_s_median'] / a['step_s_median']:.2f}x time "
+            f"({b['step_s_median']:.3f} vs {a['step_s_median']:.3f} s), "
+            f"{b['above_idle_mib']:.0f} vs {a['above_idle_mib']:.0f} MiB above idle."
+        )
+    load = ", ".join(f"{x:.1f}" for x in m["load_average_at_start"])
+    return "\n".join(
+        [
+            L2L_MD_START,
+            "## Meta-iteration vs learn2learn 0.2.0 (MAML, Omniglot 5-way 1-shot)",
+            "",
+            f"Setting: learn2learn's `OmniglotCNN` (4 x [conv3x3 stride 2, BN, ReLU], 64 filters, "
+            f"mean-pool, linear head), 28x28x1, {s['ways']}-way {s['shots']}-shot, "
+            f"{s['queries']} queries/class, meta-batch {s['meta_batch']}, 1 inner step "
+            "(lr 0.4), Adam outer step, synthetic episodes. learn2learn: `MAML(model, lr=0.4, "
+            "first_order=...)`, per task `clone()`, `adapt(loss)`, query loss `backward()` "
+            "(its `maml_omniglot.py` loop). Engine: `MAML(model).meta_backward(batch, "
+            "workers=...)` on a model built with the same seed (same weights). Timing: "
+            f"{s['steps']} steps per variant after {s['warmup']} warm-up, all variants in one "
+            "process, interleaved round-robin; memory: each variant alone in a fresh process "
+            f"({s['mem_steps']} steps; `ru_maxrss` above the process's RSS after imports).",
+            "",
+            f"Command: `{result['command']}`",
+            "",
+            f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, learn2learn "
+            f"{result.get('learn2learn', '?')}; load average at start {load}.",
+            "",
+            *rows,
+            "",
+            *lines,
+            "",
+            "NPBML row: `npbml-conv4` is NPBML (FiLM, warp after the last block, CE + L_S + L_Q "
+            "+ R with an untrained relation network of the same cost, inner SGD Nesterov, 5 "
+            "steps, blocks 0-2 frozen) and `maml-conv4` MAML (all layers, 1 step) on our "
+            "Conv4-64 strided, the counterpart of `OmniglotCNN`.",
+            L2L_MD_END,
+        ]
+    )
+
+
+def update_section(path: Path, section: str, start: str, end: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main_against_l2l(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.timing_child:
+        print(json.dumps(run_l2l_timing(args)))
+        return 0
+    if args.variant is not None:
+        print(json.dumps(run_l2l_memory(args)))
+        return 0
+    python = find_l2l_python(args.l2l_python)
+    command = "python scripts/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    version = (
+        subprocess.run(
+            [python, "-c", "import learn2learn; print(learn2learn.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    args.threads = 0  # per variant
+    result: dict[str, Any] = {
+        "command": command.strip(),
+        "learn2learn": version[-1] if version else "?",
+        "setting": {
+            k: getattr(args, k)
+            for k in ("ways", "shots", "queries", "meta_batch", "steps", "warmup", "mem_steps")
+        }
+        | {"workers": args.workers, "model": "learn2learn OmniglotCNN", "inner_steps": 1},
+        "machine": machine_info(args),
+        "variants": [],
+    }
+    timing = _l2l_child(args, python, ["--timing-child"])
+    for variant in args.variants:
+        mem = _l2l_child(args, python, ["--variant", variant])
+        r = {"variant": variant, **timing[variant], **mem}
+        result["variants"].append(r)
+        print(
+            f"{variant:20s} median {r['step_s_median']:.3f}s  above idle "
+            f"{r['above_idle_mib']:.0f} MiB  grad diff {r.get('max_abs_grad_diff_vs_l2l', '-')}",
+            file=sys.stderr,
+        )
+    print(json.dumps(result))
+    out = Path(args.out if args.out_given else REPO / "docs" / "bench_l2l.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        update_section(Path(args.markdown), l2l_markdown(result), L2L_MD_START, L2L_MD_END)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--steps", type=int, default=5, help="timed meta-training steps per variant")
@@ -326,9 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=None, help=f"default {VARIANTS}")
+    p.add_argument("--against", choices=["learn2learn"], default=None)
+    p.add_argument("--l2l-python", default=None, help="interpreter with learn2learn")
+    p.add_argument("--workers", type=int, default=2, help="task threads of engine-parallel")
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout")
-    p.add_argument("--out", default=str(REPO / "docs" / "bench_step.json"))
+    p.add_argument("--out", default=None, help="result JSON (default docs/bench_step.json)")
     p.add_argument("--markdown", default=None, help="update this Markdown file's section")
     p.add_argument(
         "--from-json", default=None, help="only re-render --markdown from a saved result JSON"
@@ -337,15 +662,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.steps, args.meta_batch, args.mem_steps) < 1 or args.warmup < 0:
-        p.error("--steps, --mem-steps and --meta-batch must be >= 1, --warmup >= 0")
-
+    if min(args.steps, args.meta_batch, args.mem_steps, args.workers) < 1 or args.warmup < 0:
+        p.error("--steps, --mem-steps, --meta-batch, --workers must be >= 1, --warmup >= 0")
+    args.out_given = args.out is not None
+    allowed = L2L_VARIANTS if args.against else VARIANTS
+    if args.variants is None:
+        args.variants = list(allowed)
+    bad = [v for v in args.variants if v not in allowed]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {list(allowed)}")
     if args.from_json:
         if not args.markdown:
             p.error("--from-json needs --markdown")
         result = json.loads(Path(args.from_json).read_text())
-        update_markdown(Path(args.markdown), to_markdown(result))
+        if args.against:
+            update_section(Path(args.markdown), l2l_markdown(result), L2L_MD_START, L2L_MD_END)
+        else:
+            update_markdown(Path(args.markdown), to_markdown(result))
         return 0
+    if args.against:
+        return main_against_l2l(args, argv)
+    if not args.out_given:
+        args.out = str(REPO / "docs" / "bench_step.json")
+
     if args.timing_child:
         print(json.dumps(run_timing(args)))
         return 0

@@ -1,4 +1,9 @@
-"""Compare six losses for ordinary 242-class training on Omniglot minimal (`npbml fit`).
+"""Compare six losses for ordinary training on Omniglot minimal (`npbml fit`).
+
+All 242 characters are the classes by default; ``--classes K`` keeps the first ``K`` (e.g. 20:
+Balinese characters 1-20), the few-class regime of the learned-loss papers' MNIST / CIFAR-10
+results. ``--learned-set KEY=VALUE`` overrides the config of the ML3 and AdaLFL runs only (e.g.
+``loss.inputs=log_prob``, a toolkit option, not the papers' form).
 
 CE, label smoothing, SparseLSR (METHODS.md sec 5), ML3 and AdaLFL (sec 4) and an EvoMAL loss
 (sec 6) train the same model (``configs/fit_omniglot.yaml``: Conv4-32, SGD Nesterov, cosine) with
@@ -10,8 +15,8 @@ the script can be re-run after a kill. The EvoMAL loss is either ``--evolved PAT
 generated glyphs, no Omniglot image involved).
 
 Writes ``OUT/summary.json`` and, with ``--results``, a Markdown section between
-``<!-- loss_comparison:start -->`` and ``<!-- loss_comparison:end -->`` of that file (appended when
-the markers are absent; the rest of the file is left as it is).
+``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` of that file (``--tag``, default
+``loss_comparison``; appended when the markers are absent; the rest of the file is left as it is).
 
     python scripts/loss_comparison.py --out runs/loss_comparison --results docs/results.md
 """
@@ -34,6 +39,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- loss_comparison:start -->", "<!-- loss_comparison:end -->"
+
+
+def markers(tag: str) -> tuple[str, str]:
+    """The start / end markers of the results section named ``tag``."""
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
 
 #: Each loss: label, extra ``--set`` overrides of the base config. The evolved loss's
 #: checkpoint is filled in at run time.
@@ -102,10 +113,14 @@ def evolve(args: argparse.Namespace, out: Path) -> Path:
 
 
 def fit_command(args: argparse.Namespace, loss: str, seed: int, out: Path, evolved: Path | None):
+    """The ``npbml fit`` command line of one (loss, seed) run."""
     sets = [*LOSSES[loss][1], f"train.seed={seed}", f"train.epochs={args.epochs}"]
     sets += ["train.threads=1", "train.progress=false"]
+    if args.classes is not None:
+        sets.append(f"data.first_classes={args.classes}")
     if loss in ("ml3", "adalfl"):
         sets += [f"loss.offline_steps={args.offline_steps}", f"loss.meta_lr={args.meta_lr}"]
+        sets += args.learned_set
     if loss == "evolved":
         assert evolved is not None
         sets.append(f"loss.checkpoint={evolved.resolve()}")
@@ -116,28 +131,73 @@ def fit_command(args: argparse.Namespace, loss: str, seed: int, out: Path, evolv
     return cmd
 
 
-def markdown(summary: dict[str, Any], analysis: str) -> str:
-    """The results section (between the markers)."""
+def describe_data(config: str, sets: list[str]) -> dict[str, Any]:
+    """Class and image counts, batch size and steps per epoch of the runs' data (seed 0)."""
+    from npbml.config import apply_overrides, read_yaml
+    from npbml.fit import build_fit_data, fit_config_from_dict
+
+    cfg = fit_config_from_dict(apply_overrides(read_yaml(config), sets))
+    data = build_fit_data(cfg)
+    d = cfg.data
+    return {
+        "classes": data.num_outputs,
+        "first_classes": d.first_classes,
+        "train_images": len(data.train[0]),
+        "val_images": len(data.val[0]),
+        "test_images": len(data.test[0]),
+        "val_per_class": d.val_per_class,
+        "test_per_class": d.test_per_class,
+        "batch_size": cfg.train.batch_size,
+        "steps_per_epoch": math.ceil(len(data.train[0]) / cfg.train.batch_size),
+        "model": f"{cfg.model.name}-{cfg.model.options.get('hidden', '')} (max-pool), "
+        f"{cfg.optim.name.upper()} lr {cfg.optim.lr} Nesterov {cfg.optim.momentum} "
+        f"wd {cfg.optim.weight_decay}, {cfg.optim.schedule} schedule",
+    }
+
+
+def markdown(summary: dict[str, Any], analysis: str, tag: str = "loss_comparison") -> str:
+    """The results section (between the markers of ``tag``)."""
     s = summary
+    d = s["data"]
+    start, end = markers(tag)
+    if d["first_classes"] is None:
+        title = f"## Loss functions for ordinary {d['classes']}-class training (Omniglot minimal)"
+        which = (
+            "Every character of `images_background_small1` and `images_background_small2` is a "
+            "class (Greek and Latin, present in both splits, are kept once"
+            f": {d['classes']} classes)"
+        )
+    else:
+        title = (
+            f"## Loss functions for ordinary {d['classes']}-class training "
+            f"(first {d['classes']} Omniglot minimal characters)"
+        )
+        which = (
+            f"The first {d['classes']} characters of `images_background_small1` (Balinese "
+            f"characters 1-{d['classes']}; `data.first_classes={d['classes']}`) are the classes"
+        )
+    learned = ""
+    if s["learned_set"]:
+        learned = f" ML3 / AdaLFL overrides: `{' '.join(s['learned_set'])}`."
+        title += ", learned-loss options"
     lines = [
-        START,
-        "## Loss functions for ordinary 242-class training (Omniglot minimal)",
+        start,
+        title,
         "",
-        "Every character of `images_background_small1` and `images_background_small2` is a "
-        "class (Greek and Latin, present in both splits, are kept once: 242 classes); per "
-        "character 3 images are validation, 3 test and 14 training (3388 training, 726 test "
-        "images). Same model and budget for every loss: "
-        f"{s['model']}; {s['budget']}. Each loss is one `npbml fit` run per seed "
-        f"({s['jobs']} at a time, one thread each). Test error = 1 - test accuracy of the "
-        "final model (726 images); mean +- 95% Student-t interval over seeds "
-        f"(t_0.975,{len(s['seeds']) - 1} = {T975.get(len(s['seeds']), 1.96)}).",
+        f"{which}; per character {d['val_per_class']} images are validation, "
+        f"{d['test_per_class']} test and the rest training ({d['train_images']} training, "
+        f"{d['test_images']} test images; the split depends on the seed). Same model and budget "
+        f"for every loss: {s['model']}; {s['budget']}.{learned} Each loss is one `npbml fit` "
+        f"run per seed ({s['jobs']} at a time, one thread each). Test error = 1 - test accuracy "
+        f"of the final model ({d['test_images']} images per seed); mean +- 95% Student-t "
+        f"interval over seeds (t_0.975,{len(s['seeds']) - 1} = "
+        f"{T975.get(len(s['seeds']), 1.96)}).",
         "",
         "```bash",
         s["command"],
         "```",
         "",
-        f"EvoMAL loss: {s['evolved_source']}",
-        "",
+        *([f"EvoMAL loss: {s['evolved_source']}", ""] if "evolved" in s["results"] else []),
         "| loss | test error (mean +- 95% CI) | per seed ("
         + ", ".join(str(x) for x in s["seeds"])
         + ") | best-val-checkpoint test error | time per run |",
@@ -152,19 +212,20 @@ def markdown(summary: dict[str, Any], analysis: str) -> str:
             f"| {LOSSES[key][0]} | **{100 * r['mean']:.2f}% +- {100 * r['ci95']:.2f}%** | "
             f"{per} | {100 * r['best_mean']:.2f}% | {r['seconds_mean']:.0f} s |"
         )
-    lines += ["", analysis.strip(), "", END]
+    lines += ["", analysis.strip(), "", end]
     return "\n".join(lines) + "\n"
 
 
 ORDER_TABLE = ["ce", "label_smoothing", "sparse_lsr", "ml3", "adalfl", "evolved"]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the marked section of ``path``; nothing else is touched."""
+def write_section(path: Path, section: str, tag: str = "loss_comparison") -> None:
+    """Replace (or append) the section of ``path`` marked by ``tag``; nothing else is touched."""
+    start, end = markers(tag)
     text = path.read_text() if path.exists() else "# Results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -178,8 +239,8 @@ def diagnose(run: Path) -> dict[str, Any]:
     offline phase, and the last one), on the run's initial model (same seed) and 128 training
     images: the norm ratio and cosine between the learned loss's and cross-entropy's gradients
     w.r.t. the logits, and the slopes ``dg/dp`` of the per-class loss at ``p = 1/C`` for the
-    target (y=1) and a non-target (y=0) class. Used for the AdaLFL investigation in
-    ``docs/results.md``.
+    target (y=1) and a non-target (y=0) class (``dg/dp``, also for ``loss.inputs=log_prob``).
+    Used for the learned-loss investigation in ``docs/results.md``.
     """
     import torch
     import torch.nn.functional as F
@@ -203,15 +264,21 @@ def diagnose(run: Path) -> dict[str, Any]:
         f = run / "loss_snapshots" / f"{name}.pt"
         if not f.exists():
             continue
-        net = LearnedLoss(cfg.data.task, cfg.loss.hidden, cfg.loss.output_activation)
+        net = LearnedLoss(
+            cfg.data.task,
+            cfg.loss.hidden,
+            cfg.loss.output_activation,
+            inputs=cfg.loss.inputs,
+        )
         net.load_state_dict(torch.load(f, weights_only=True))
         z = z0.clone().requires_grad_()
         (g_learned,) = torch.autograd.grad(net(z, y[idx]), z)
         z = z0.clone().requires_grad_()
         (g_ce,) = torch.autograd.grad(F.cross_entropy(z, y[idx]), z)
         q = torch.full((2,), 1.0 / c, requires_grad=True)
+        first = q.log() if cfg.loss.inputs == "log_prob" else q  # slopes are d g / d p
         (slopes,) = torch.autograd.grad(
-            net.g(torch.stack((q, torch.tensor([1.0, 0.0])), -1)).sum(), q
+            net.g(torch.stack((first, torch.tensor([1.0, 0.0])), -1)).sum(), q
         )
         out[name] = {
             "grad_ratio": (g_learned.norm() / g_ce.norm()).item(),
@@ -231,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/fit_omniglot.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--losses", nargs="+", default=ORDER_TABLE, choices=ORDER_TABLE)
+    p.add_argument("--classes", type=int, default=None, help="keep the first K classes only")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--offline-steps", type=int, default=150, help="ML3 / AdaLFL offline steps")
     p.add_argument("--meta-lr", type=float, default=1e-3, help="ML3 / AdaLFL meta Adam lr")
@@ -238,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evolved", default=None, help="an evolved loss instead of a new search")
     p.add_argument("--evolve-config", default="configs/evomal_glyphs.yaml")
     p.add_argument("--set", action="append", default=[], help="extra override for every run")
+    p.add_argument(
+        "--learned-set", action="append", default=[], help="extra override for ML3 / AdaLFL runs"
+    )
+    p.add_argument("--tag", default="loss_comparison", help="name of the results section")
     p.add_argument("--results", default=None, help="Markdown file to write the section into")
     p.add_argument("--analysis", default=None, help="file with the analysis paragraph(s)")
     p.add_argument("--json", default=None, help="also write the summary JSON here")
@@ -301,13 +373,20 @@ def main(argv: list[str] | None = None) -> int:
         }
     evolved_path = Path(args.evolved) if args.evolved else out / "evomal"
     evolved_info = _evolved_info(evolved_path) if "evolved" in args.losses else None
+    data_sets = [*args.set] + (
+        [f"data.first_classes={args.classes}"] if args.classes is not None else []
+    )
+    data = describe_data(args.config, data_sets)
     summary = {
         "command": "python scripts/loss_comparison.py " + shlex.join(argv or sys.argv[1:]),
         "config": args.config,
         "seeds": args.seeds,
-        "model": "Conv4-32 (max-pool), SGD lr 0.05 Nesterov 0.9 wd 5e-4, cosine schedule",
-        "budget": f"{args.epochs} epochs x 27 steps of batch 128; ML3 and AdaLFL additionally "
-        f"{args.offline_steps} offline meta steps (meta Adam lr {args.meta_lr})",
+        "data": data,
+        "learned_set": args.learned_set,
+        "model": data["model"],
+        "budget": f"{args.epochs} epochs x {data['steps_per_epoch']} steps of batch "
+        f"{data['batch_size']}; ML3 and AdaLFL additionally {args.offline_steps} offline meta "
+        f"steps (meta Adam lr {args.meta_lr})",
         "jobs": args.jobs,
         "evolved": evolved_info,
         "evolved_source": _evolved_source(args, evolved_info),
@@ -320,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: (v["mean"], v["ci95"]) for k, v in results.items()}, indent=1))
     if args.results:
         analysis = Path(args.analysis).read_text() if args.analysis else "(analysis pending)"
-        write_section(Path(args.results), markdown(summary, analysis))
+        write_section(Path(args.results), markdown(summary, analysis, args.tag), args.tag)
         print(f"wrote the loss_comparison section of {args.results}")
     return 0
 

@@ -31,6 +31,7 @@ _LAZY = {
     "TorchmetaBatches": "tasks.compat",
     "L2LTaskView": "tasks.compat",
     "EpisodesFromCallable": "tasks.compat",
+    "EpisodesFromTaskset": "tasks.compat",
 }
 
 

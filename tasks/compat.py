@@ -7,13 +7,19 @@
   (Arnold et al., 2020), with the support set first.
 * :class:`EpisodesFromCallable` goes the other way: any ``() -> (X, y)`` task callable (for
   example ``learn2learn.data.TaskDataset.sample``) becomes an episode source.
+* :class:`EpisodesFromTaskset` turns a learn2learn ``Taskset`` / ``TaskDataset`` itself into a
+  seeded episode source whose episode ``i`` is a pure function of ``(seed, i)``, like
+  :class:`~tasks.sampler.TaskSampler`.
 
-No torchmeta or learn2learn import is needed; the layouts are plain tensors.
+No torchmeta or learn2learn import is needed; the layouts are plain tensors and learn2learn
+objects are used through their public methods only.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -21,7 +27,7 @@ import torch
 
 from tasks.episode import Episode
 from tasks.errors import EpisodeSpecError
-from tasks.sampler import EpisodeSource
+from tasks.sampler import EpisodeSource, IndexedEpisodes
 
 XY = tuple[torch.Tensor, torch.Tensor]
 
@@ -97,6 +103,10 @@ class L2LTaskView:
     def sample(self, index: int | None = None) -> XY:
         """The next task (or task ``index`` of the sampler's stream) as ``(X, y)``."""
         return self.to_task(self.sampler.sample(index))
+
+    def __getitem__(self, index: int) -> XY:
+        """Task ``index`` of the sampler's stream, like ``TaskDataset[i]`` in learn2learn."""
+        return self.sample(int(index))
 
     def __iter__(self) -> Iterator[XY]:
         while True:
@@ -218,4 +228,124 @@ class EpisodesFromCallable:
             query_x=x[q],
             query_y=new.repeat_interleave(self.queries),
             classes=torch.as_tensor(order, dtype=torch.int64, device=x.device),
+        )
+
+
+@contextmanager
+def _global_rngs_seeded(rng: np.random.Generator) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's (CPU) global generators from ``rng`` for the block, then
+    restore their previous states.
+
+    learn2learn's task transforms draw from the global ``random`` module (``random.sample`` in
+    NWays/KShots, ``random.shuffle`` in RemapLabels) and dataset transforms may draw from numpy or
+    torch, so a reproducible task needs all three seeded; restoring them keeps the caller's own
+    random streams unaffected by sampling.
+    """
+    py_seed, np_seed, torch_seed = (int(s) for s in rng.integers(0, 2**32, size=3))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(py_seed)
+        np.random.seed(np_seed)
+        torch.manual_seed(torch_seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _transform_sizes(taskset: Any) -> tuple[int | None, int | None]:
+    """``(n, k)`` declared by a learn2learn taskset's NWays / KShots / FusedNWaysKShots transforms
+    (``None`` where no such transform is found)."""
+    transforms = getattr(taskset, "task_transforms", None)
+    n = k = None
+    if isinstance(transforms, list | tuple):
+        for t in transforms:
+            name = type(t).__name__
+            if name in ("NWays", "FusedNWaysKShots"):
+                n = int(t.n)
+            if name in ("KShots", "FusedNWaysKShots"):
+                k = int(t.k)
+    return n, k
+
+
+class EpisodesFromTaskset(IndexedEpisodes):
+    """Seeded episodes from a learn2learn ``Taskset`` / ``TaskDataset`` (Arnold et al., 2020).
+
+    Episode ``i`` is a pure function of ``(seed, i)`` as for :class:`~tasks.sampler.TaskSampler`:
+    the taskset's task description is drawn (``taskset.sample_task_description()``) with Python's,
+    numpy's and torch's global generators seeded from ``(seed, i)`` and restored afterwards, then
+    loaded with ``taskset.get_task``. The taskset's own cache of descriptions (``num_tasks > 0``)
+    is bypassed, so ``num_tasks`` does not matter here; a fixed pool of tasks is
+    ``sample(i) for i in range(pool)``.
+
+    The ``(X, y)`` task is split as in :class:`EpisodesFromCallable`: labels renamed ``0..N-1`` in
+    order of first appearance, per class the first ``shots`` rows support and the rest query. Build
+    the taskset with ``NWays(n=ways)`` and ``KShots(k=shots + queries)`` (checked when the
+    transforms are found). ``Episode.classes[k]`` is the original dataset label of class ``k``
+    (read from ``taskset.dataset.indices_to_labels``), not learn2learn's remapped label.
+
+    Not thread-safe: the global generators are reseeded while a task is drawn.
+    """
+
+    def __init__(self, taskset: Any, ways: int, shots: int, queries: int, seed: int = 0) -> None:
+        missing = [a for a in ("sample_task_description", "get_task") if not hasattr(taskset, a)]
+        if missing:
+            raise TypeError(
+                f"{type(taskset).__name__} has no {' / '.join(missing)}; EpisodesFromTaskset "
+                "needs a learn2learn Taskset/TaskDataset (for any other task callable use "
+                "EpisodesFromCallable)"
+            )
+        self._split = EpisodesFromCallable(taskset.sample, ways, shots, queries)
+        n, k = _transform_sizes(taskset)
+        if n is not None and n != ways:
+            raise EpisodeSpecError(
+                f"the taskset's NWays draws n={n} classes but ways={ways}; use the same number"
+            )
+        if k is not None and k != shots + queries:
+            raise EpisodeSpecError(
+                f"the taskset's KShots draws k={k} examples per class but shots + queries = "
+                f"{shots} + {queries} = {shots + queries}; build it with KShots(dataset, "
+                f"k={shots + queries})"
+            )
+        self.taskset = taskset
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.seed = int(seed)
+        self.index = 0
+
+    def episode(self, index: int) -> Episode:
+        with _global_rngs_seeded(self.rng(index)):
+            description = self.taskset.sample_task_description()
+            task = self.taskset.get_task(description)
+        ep = self._split.to_episode(task)
+        classes = self._original_classes(description, task[1], ep.classes)
+        if classes is not None:
+            ep.classes = classes
+        return ep
+
+    def _original_classes(
+        self, description: Any, y: Any, task_classes: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Dataset label of each episode class, or ``None`` when the task does not say."""
+        labels_of = getattr(getattr(self.taskset, "dataset", None), "indices_to_labels", None)
+        y = torch.as_tensor(y)
+        try:
+            rows = [labels_of[dd.index] for dd in description]
+            original = torch.as_tensor([int(v) for v in rows], dtype=torch.int64)
+        except (TypeError, KeyError, AttributeError, ValueError):
+            return None  # a custom dataset or transform: keep the task's own labels
+        if len(original) != len(y):
+            return None
+        out = []
+        for t in task_classes.tolist():
+            found = torch.unique(original[y.cpu() == t])
+            if len(found) != 1:
+                return None
+            out.append(int(found))
+        return torch.tensor(out, dtype=torch.int64, device=task_classes.device)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.ways}-way {self.shots}-shot, {self.queries} queries, "
+            f"taskset={type(self.taskset).__name__}, seed={self.seed})"
         )

@@ -50,6 +50,23 @@ class IndexedEpisodes:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         return Episode.stack([self.sample() for _ in range(batch_size)])
 
+    def sample_batch_shard(self, batch_size: int, rank: int, world_size: int) -> Episode:
+        """Worker ``rank``'s contiguous ``1/world_size`` share of the meta-batch that
+        ``sample_batch(batch_size)`` would draw next (episodes ``index + rank*b ...`` with
+        ``b = batch_size // world_size``). Advances the stream by the whole ``batch_size``, so
+        every worker's counter stays equal and the workers together see exactly the tasks of a
+        single-worker run."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size; got rank {rank} of {world_size}")
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be a positive multiple of world_size {world_size}"
+            )
+        b = batch_size // world_size
+        start = self.index + rank * b
+        self.index += batch_size
+        return Episode.stack([self.sample(start + j) for j in range(b)])
+
     def __iter__(self) -> Iterator[Episode]:
         while True:
             yield self.sample()

@@ -17,7 +17,6 @@ def _data(n: int = 8, d: int = 3, c: int = 3, seed: int = 0, dtype=torch.float32
     return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, c, (n,), generator=g)
 
 
-
 def test_base_update_matches_torch_sgd_nesterov_weight_decay():
     # With a frozen loss network (meta_lr=0) AdaLFL's base steps are exactly torch.optim.SGD's.
     torch.manual_seed(0)
@@ -136,3 +135,22 @@ def test_validation_meta_batches_and_errors():
         AdaLFL(model, LearnedLoss(hidden=(4,))).step(_data())
     with pytest.raises(ValueError, match="meta_batch must be one of"):
         AdaLFL(model, LearnedLoss(hidden=(4,)), meta_batch="test")
+
+
+def test_same_meta_batch_uses_the_steps_own_batch():
+    # meta_batch="same" (a toolkit option, ML3's Algorithm 1 form) must equal passing the step's
+    # batch explicitly as the meta batch.
+    torch.manual_seed(3)
+    model, net = nn.Linear(3, 3), LearnedLoss(hidden=(4,))
+    twin_model, twin_net = copy.deepcopy(model), copy.deepcopy(net)
+    same = AdaLFL(model, net, meta_batch="same", meta_lr=1e-2)
+    explicit = AdaLFL(twin_model, twin_net, meta_lr=1e-2)
+    batches = [_data(seed=s) for s in range(3)]
+    steps = same.train_epoch(batches)
+    for b in batches:
+        explicit.step(b, b)
+    assert [s.meta_loss for s in steps] != [steps[0].meta_loss] * 3
+    for a, b in zip(net.parameters(), twin_net.parameters()):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(model.weight, twin_model.weight)
+    same.step(batches[0])  # no validation source needed

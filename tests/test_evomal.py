@@ -46,7 +46,6 @@ from npbml.evomal.tuning import init_scalars, tune_scalars, unrolled_meta_loss
 CE = "mul(-1, mul(y, log(f)))"
 
 
-
 def tiny_config(**search) -> EvolveConfig:
     return EvolveConfig.from_dict(
         {

@@ -65,6 +65,7 @@ def test_fit_learns_and_writes_metrics(blobs, tmp_path, loss):
         {"name": "ce"},
         {"name": "adalfl", "offline_steps": 2},
         {"name": "adalfl", "meta_batch": "validation"},
+        {"name": "adalfl", "meta_batch": "same"},
         {"name": "ml3", "offline_steps": 3},
     ],
 )
@@ -145,6 +146,75 @@ def test_omniglot_minimal_splits_all_characters(omniglot_root, tmp_path):
     assert ds.num_classes == 242  # 136 + 156 characters, Greek and Latin counted once
     names = [ds.class_name(c) for c in range(ds.num_classes)]
     assert len(set(names)) == 242
+
+
+def test_first_classes_keeps_a_few_class_problem(omniglot_root):
+    from npbml.fit import build_fit_data
+
+    cfg = fit_config_from_dict({"data": {"root": str(omniglot_root), "first_classes": 5}})
+    data = build_fit_data(cfg)
+    assert data.num_outputs == 5
+    assert sorted(set(data.train[1].tolist())) == list(range(5))
+    assert len(data.test[0]) == 15 and len(data.val[0]) == 15 and len(data.train[0]) == 70
+    full = build_fit_data(fit_config_from_dict({"data": {"root": str(omniglot_root)}}))
+    # The same images as classes 0-4 of the full problem (same seed, same per-class split).
+    for part in ("train", "test"):
+        fx, fy = getattr(full, part)
+        torch.testing.assert_close(getattr(data, part)[0], fx[fy < 5])
+    with pytest.raises(ConfigError, match="hold only 242 classes"):
+        build_fit_data(
+            fit_config_from_dict({"data": {"root": str(omniglot_root), "first_classes": 300}})
+        )
+
+
+def test_first_classes_and_learned_loss_options_are_validated(blobs):
+    with pytest.raises(ConfigError, match="first_classes must be >= 2"):
+        fit_config_from_dict({"data": {"first_classes": 1}})
+    with pytest.raises(ConfigError, match="omniglot"):
+        fit_config_from_dict({"data": {"kind": "arrays", "path": blobs, "first_classes": 2}})
+    with pytest.raises(ConfigError, match="inputs"):
+        fit_config_from_dict({"loss": {"inputs": "logits"}})
+    cfg = fit_config_from_dict({"loss": {"inputs": "log_prob", "meta_batch": "same"}})
+    assert cfg.loss.inputs == "log_prob" and cfg.loss.meta_batch == "same"
+    with pytest.raises(ConfigError, match="meta_batch"):
+        fit_config_from_dict({"loss": {"meta_batch": "previous"}})
+    with pytest.raises(ConfigError, match="ce_warm_start"):
+        fit_config_from_dict({"loss": {"name": "ml3", "ce_warm_start": 10, "checkpoint": "x"}})
+    with pytest.raises(ConfigError, match="ce_warm_start must be >= 0"):
+        fit_config_from_dict({"loss": {"ce_warm_start": -1}})
+
+
+def test_offline_pairs_same_meta_batch_and_adalfl_fit(blobs, tmp_path):
+    from npbml.fit import _offline_pairs
+
+    x, y = torch.randn(50, 2), torch.arange(50) % 5
+    pairs = _offline_pairs((x, y), (x[:0], y[:0]), 8, 0, "same", torch.device("cpu"))
+    for _ in range(3):
+        (bx, by), (mx, my) = next(pairs)
+        assert torch.equal(bx, mx) and torch.equal(by, my)
+    (bx, _), (mx, _) = next(_offline_pairs((x, y), (x, y), 8, 0, "next", torch.device("cpu")))
+    assert not torch.equal(bx, mx)
+    cfg = _cfg(blobs, name="adalfl", meta_batch="same", offline_steps=3, meta_lr=1e-2)
+    cfg["train"]["epochs"] = 5
+    assert fit(cfg, tmp_path / "run")["test_acc"] > 0.6  # as the "validation" test; chance 1/3
+
+
+def test_ml3_fit_with_cross_entropy_warm_start_and_log_prob_inputs(blobs, tmp_path):
+    from npbml.losses import LearnedLoss
+
+    cfg = _cfg(blobs, name="ml3", offline_steps=5, inputs="log_prob", ce_warm_start=1000)
+    final = fit(cfg, tmp_path / "run")
+    assert final["test_acc"] > 0.9
+    # The loss network ML3 started from (init.pt) is the warm start: g(log p, 1) ~ -log p and
+    # g(log p, 0) ~ 0, i.e. per-class cross-entropy.
+    net = LearnedLoss(inputs="log_prob")
+    net.load_state_dict(torch.load(tmp_path / "run/loss_snapshots/init.pt", weights_only=True))
+    p = torch.tensor([0.05, 0.5, 0.9])
+    with torch.no_grad():
+        on = net.g(torch.stack((p.log(), torch.ones(3)), -1))
+        off = net.g(torch.stack((p.log(), torch.zeros(3)), -1))
+    torch.testing.assert_close(on, -p.log(), atol=0.15, rtol=0.05)
+    assert off.abs().max() < 0.15
 
 
 def test_cli_fit_subcommand(blobs, tmp_path, monkeypatch, capsys):

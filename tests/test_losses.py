@@ -144,7 +144,43 @@ def test_learned_loss_logit_gradient_closed_form(classes):
     torch.testing.assert_close(gu[0, 0], (1 / c) * (1 - 1 / c) * (slopes[0] - slopes[1]))
 
 
+def test_learned_loss_log_prob_inputs_gradient_is_order_one():
+    # inputs="log_prob": the MLP reads log_softmax(z); d/dz_k sum_c g(l_c, y_c) =
+    # g'_k - p_k sum_c g'_c (chain rule through log_softmax, computed here independently), so at
+    # uniform logits the target component is about g'(l, 1) - g'(l, 0) whatever C is.
+    torch.manual_seed(7)
+    for classes in (10, 242):
+        net = LearnedLoss(inputs="log_prob").double()
+        z = (0.1 * torch.randn(3, classes, dtype=torch.float64)).requires_grad_()
+        t = torch.randint(0, classes, (3,))
+        pairs = net.pairs(z.detach(), t)
+        torch.testing.assert_close(pairs[..., 0], torch.log_softmax(z.detach(), -1))
+        (gz,) = torch.autograd.grad(net(z, t), z)
+        lp = torch.log_softmax(z.detach(), -1).requires_grad_()
+        y = F.one_hot(t, classes).double()
+        (gl,) = torch.autograd.grad(net.g(torch.stack((lp, y), -1)).sum(), lp)
+        p = lp.detach().exp()
+        torch.testing.assert_close(gz, (gl - p * gl.sum(-1, keepdim=True)) / 3)
+        u = torch.zeros(1, classes, dtype=torch.float64, requires_grad=True)
+        (gu,) = torch.autograd.grad(net(u, torch.tensor([0])), u)
+        q = torch.full((2,), -float(torch.log(torch.tensor(classes))), dtype=torch.float64)
+        q.requires_grad_()
+        (slopes,) = torch.autograd.grad(
+            net.g(torch.stack((q, torch.tensor([1.0, 0.0], dtype=torch.float64)), -1)).sum(), q
+        )
+        expected = slopes[0] - (slopes[0] + (classes - 1) * slopes[1]) / classes
+        torch.testing.assert_close(gu[0, 0], expected)
+        assert abs(expected) > 0.1 * abs(slopes[0] - slopes[1])  # no 1/C factor
+
+
+def test_learned_loss_repr_names_its_inputs():
+    assert "inputs='log_prob'" in repr(LearnedLoss(inputs="log_prob"))
+    assert "inputs" not in repr(LearnedLoss("regression"))
+
+
 def test_learned_loss_bad_arguments():
+    with pytest.raises(ValueError, match="inputs must be"):
+        LearnedLoss(inputs="logits")
     with pytest.raises(ValueError, match="init must be"):
         LearnedLoss(init="xavier")
     with pytest.raises(ValueError, match="output_activation"):

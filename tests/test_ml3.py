@@ -90,3 +90,44 @@ def test_learned_loss_trains_fresh_models_on_new_sinusoids(shaped):
     # loss network leaves the MSE near its start.
     assert learned["mse_after"] < 0.5 * learned["mse_before"]
     assert learned["mse_after"] < 0.5 * untrained["mse_after"]
+
+
+@pytest.mark.parametrize("inputs", ["prob", "log_prob"])
+def test_cross_entropy_warm_start_makes_the_learned_loss_train_like_ce(inputs):
+    # regress_to_cross_entropy (a toolkit option, not the papers') fits g_phi to -y log p; the
+    # check is against F.cross_entropy's own logit gradient, an independent computation.
+    import torch.nn.functional as F
+
+    from npbml.loss_learning import cross_entropy_targets, regress_to_cross_entropy
+
+    p = torch.tensor([0.25, 0.5])
+    torch.testing.assert_close(
+        cross_entropy_targets(p, torch.tensor([1.0, 0.0])), torch.tensor([1.3862944, 0.0])
+    )
+    torch.manual_seed(0)
+    net = LearnedLoss(inputs=inputs)
+    z = (0.1 * torch.randn(32, 242)).requires_grad_()  # near-uniform: a fresh model's logits
+    t = torch.randint(0, 242, (32,))
+    (before,) = torch.autograd.grad(net(z, t), z)
+    (ce,) = torch.autograd.grad(F.cross_entropy(z, t), z)
+    if inputs == "prob":  # the O(1/C) scale of a random g on probabilities
+        assert before.norm() < 0.01 * ce.norm()
+    mse = regress_to_cross_entropy(net, steps=1000)
+    assert mse < (0.5 if inputs == "prob" else 0.02)
+    assert all(q.grad is None for q in net.parameters())
+    (after,) = torch.autograd.grad(net(z, t), z)
+    assert F.cosine_similarity(after.flatten(), ce.flatten(), 0) > 0.99
+    assert 0.7 < (after.norm() / ce.norm()).item() < 1.4
+
+
+def test_cross_entropy_warm_start_rejects_bad_arguments():
+    from npbml.loss_learning import regress_to_cross_entropy
+
+    with pytest.raises(ValueError, match="classification LearnedLoss"):
+        regress_to_cross_entropy(LearnedLoss("regression"))
+    with pytest.raises(ValueError, match="p_min"):
+        regress_to_cross_entropy(LearnedLoss(), p_min=2.0)
+    with pytest.raises(ValueError, match="steps"):
+        regress_to_cross_entropy(LearnedLoss(), steps=0)
+    with pytest.raises(RuntimeError, match="max_error"):  # 3 steps cannot fit it
+        regress_to_cross_entropy(LearnedLoss(inputs="log_prob"), steps=3)

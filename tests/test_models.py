@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from npbml.models import Conv4, ResNet12, available_models, build_model
@@ -132,3 +133,84 @@ def test_build_model_errors():
         Conv4(image_size=8)
     with pytest.raises(ValueError, match="images"):
         Conv4().features(torch.rand(2, 28, 28))
+
+
+class _SharedBlock(nn.Module):
+    """One submodule registered under two names (the layout of learn2learn's OmniglotCNN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(3, 3)
+        self.features = nn.Sequential(self.base, nn.Tanh())
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class _TiedWeights(nn.Module):
+    """One Parameter held by two different modules (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_functional_forward_restores_shared_submodules_and_ties():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    shared = _SharedBlock()
+    before = dict(shared.named_parameters())
+    new = {n: torch.randn_like(p) for n, p in before.items()}
+    out = functional_forward(shared, new, x)
+    expected = F.linear(
+        torch.tanh(F.linear(x, new["base.weight"], new["base.bias"])),
+        new["head.weight"],
+        new["head.bias"],
+    )
+    torch.testing.assert_close(out, expected)
+    # The module keeps its own Parameters under both names (torch's default tie_weights=True
+    # path left the substitutes in place here).
+    assert shared.features[0].weight is before["base.weight"]
+    assert all(p is before[n] for n, p in shared.named_parameters())
+
+    tied = _TiedWeights()
+    w = torch.randn(3, 3)
+    b1, b2 = torch.randn(3), torch.randn(3)
+    out = functional_forward(tied, {"a.weight": w, "a.bias": b1, "b.bias": b2}, x)
+    torch.testing.assert_close(out, F.linear(torch.tanh(F.linear(x, w, b1)), w, b2))
+    assert tied.b.weight is tied.a.weight and isinstance(tied.a.weight, nn.Parameter)
+
+
+def test_maml_on_shared_submodule_model_matches_reference_twice():
+    """Two meta-gradients in a row on a model with a shared submodule equal a hand-written
+    second-order unroll (the second one failed when the first leaked fast weights)."""
+    from npbml.algorithms import MAML
+
+    torch.manual_seed(0)
+    model = _SharedBlock()
+    maml = MAML(model, inner_lr=0.3)
+    sx, sy = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    qx, qy = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    from tasks.episode import Episode
+
+    ep = Episode(sx, sy, qx, qy, torch.arange(2))
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(model(sx), sy)
+    grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=True)
+    fast = {n: p - 0.3 * g for (n, p), g in zip(params.items(), grads)}
+    h = torch.tanh(F.linear(qx, fast["base.weight"], fast["base.bias"]))
+    ref = torch.autograd.grad(
+        F.cross_entropy(F.linear(h, fast["head.weight"], fast["head.bias"]), qy),
+        tuple(params.values()),
+    )
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        maml.meta_backward(ep)
+        for p, r in zip(params.values(), ref):
+            torch.testing.assert_close(p.grad, r)

@@ -41,3 +41,16 @@ def test_plots_write_png(tmp_path):
     for name in ("loss.png", "snaps.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_curves_of_a_log_prob_loss_match_the_network():
+    """inputs="log_prob": the curve at p is the network on log p (the same full-loss check)."""
+    torch.manual_seed(0)
+    net = LearnedLoss(hidden=(7, 7), inputs="log_prob").double()
+    c = learned_loss_curves(net, points=4)  # p = 0.25, 0.5, 0.75, 1.0
+    p = c["p"][:-1].double()
+    logits = torch.stack((torch.log(p), torch.log1p(-p)), -1)
+    full = net.per_class(logits, torch.zeros(3, dtype=torch.long)).sum(-1)
+    other = learned_loss_curves(net, points=4)
+    # g(log p, 1) + g(log(1 - p), 0): 1 - p over p = 0.25, 0.5, 0.75 is p reversed.
+    torch.testing.assert_close(full, other["target"][:-1] + other["non_target"][:-1].flip(0))

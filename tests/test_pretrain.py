@@ -179,3 +179,31 @@ def test_cli_functions(tmp_path, capsys):
     assert run_pretrain_relation(args) == 0
     assert load_relation(tmp_path / "rel.pt").channels == 4
     assert "wrote" in capsys.readouterr().out
+
+
+def test_relation_scores_match_a_plain_nchw_reference():
+    """The CPU channels-last switch inside RelationNetwork changes layout, not values: scores
+    equal a hand-written pass of the same modules on contiguous NCHW tensors."""
+    import torch
+
+    from npbml.relation import RelationNetwork
+
+    torch.manual_seed(0)
+    net = RelationNetwork(channels=8, in_channels=1)
+    sx, sy, qx = (
+        torch.rand(6, 1, 28, 28),
+        torch.tensor([0, 1, 2, 0, 1, 2]),
+        torch.rand(4, 1, 28, 28),
+    )
+    with torch.no_grad():
+        emb = net.encoder(torch.cat([sx, qx]))  # nn.Sequential called directly: NCHW throughout
+        s, q = emb[:6], emb[6:]
+        protos = torch.stack([s[sy == c].mean(0) for c in range(3)])
+        pairs = torch.cat(
+            [q[:, None].expand(4, 3, *q.shape[1:]), protos[None].expand(4, 3, *protos.shape[1:])],
+            dim=2,
+        ).flatten(0, 1)
+        ref = net.score(net.relation(pairs.contiguous()).mean(dim=(2, 3))).view(4, 3)
+        got = net(sx, sy, qx, 3)
+    assert net.embed(qx).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

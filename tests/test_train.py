@@ -316,3 +316,27 @@ def test_skipped_step_leaves_parameters_unchanged(tmp_path):
         )
     clean = train(tiny_config(meta_steps=3, val_every=100), tmp_path / "b", progress=False)
     _assert_same_params(_params(poisoned.learner), _params(clean.learner))
+
+
+def test_task_workers_train_bit_identical_to_per_task_backward(tmp_path):
+    """``train.task_workers: 2`` (tasks on two threads) ends with the very same parameters and
+    metrics as the sequential per-task backward; the key may change on resume."""
+    seq = train(
+        tiny_config(per_task_backward=True, meta_batch_size=3), tmp_path / "a", progress=False
+    )
+    par = train(tiny_config(task_workers=2, meta_batch_size=3), tmp_path / "b", progress=False)
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["learner"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["learner"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        for r in read_metrics(tmp_path / "a" / "metrics.jsonl")
+    ]
+    strip2 = [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        for r in read_metrics(tmp_path / "b" / "metrics.jsonl")
+    ]
+    assert strip == strip2
+    assert seq.best_val_accuracy == par.best_val_accuracy
+    with pytest.raises(ConfigError, match="task_workers"):
+        tiny_config(task_workers=0)

@@ -541,10 +541,10 @@ class NPBML(GradientLearner):
             warnings.warn("NPBML: non-finite meta-loss", RuntimeWarning, stacklevel=2)
         return loss, metrics
 
-    def meta_backward(self, episode: Episode) -> Metrics:
-        """As the base class (per-task backward), plus ``metrics["finite"]`` as in
-        :meth:`outer_loss`."""
-        metrics = super().meta_backward(episode)
+    def meta_backward(self, episode: Episode, workers: int | None = None) -> Metrics:
+        """As the base class (per-task backward, optionally task-parallel), plus
+        ``metrics["finite"]`` as in :meth:`outer_loss`."""
+        metrics = super().meta_backward(episode, workers)
         metrics["finite"] = math.isfinite(metrics["loss"])
         if not metrics["finite"]:
             warnings.warn("NPBML: non-finite meta-loss", RuntimeWarning, stacklevel=2)

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from npbml.evomal.expression import Expression, loss_inputs
+from npbml.params import functional_forward
 
 Params = dict[str, torch.Tensor]
 
@@ -74,10 +74,10 @@ def unrolled_meta_loss(
     ``params`` must require grad.
     """
     names = list(params)
-    loss = candidate_loss(expression, scalars, functional_call(model, dict(params), (x,)), y)
+    loss = candidate_loss(expression, scalars, functional_forward(model, params, x), y)
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
     new = {n: params[n] - inner_lr * g for n, g in zip(names, grads)}
-    meta = F.cross_entropy(functional_call(model, new, (x_meta,)), y_meta)
+    meta = F.cross_entropy(functional_forward(model, new, x_meta), y_meta)
     return meta, new
 
 

@@ -9,6 +9,7 @@ from npbml.loss_learning.ml3 import (
     train_with_loss,
     unrolled_step,
 )
+from npbml.loss_learning.warm_start import cross_entropy_targets, regress_to_cross_entropy
 
 __all__ = [
     "ML3",
@@ -16,6 +17,8 @@ __all__ = [
     "AdaLFLStep",
     "MetaStepResult",
     "adalfl_meta_loss",
+    "cross_entropy_targets",
+    "regress_to_cross_entropy",
     "default_meta_objective",
     "model_params",
     "train_with_loss",

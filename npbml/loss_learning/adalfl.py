@@ -10,7 +10,13 @@ Phase 2 (online): after every base update of the ordinary training run (:meth:`A
 ``opt_step`` is SGD with Nesterov momentum 0.9 and weight decay 5e-4 by default, unrolled through
 :class:`npbml.inner.InnerSGD` (identical to :class:`torch.optim.SGD`) so that the meta-gradient
 sees the momentum buffer. ``batch'`` is the next training batch (``meta_batch="next"``, default)
-or a held-out validation batch (``"validation"``); the sources do not settle which one.
+or a held-out validation batch (``"validation"``); the sources do not settle which one. A third
+option, ``"same"`` (``batch' = batch_t``), is what ML3's reference code does (the task loss after
+the differentiable step is computed on the step's own batch: facebookresearch/LearningToLearn,
+``ml3/mnist_task.py``); for AdaLFL it is this toolkit's option, not the paper's. With
+many classes a class occurs about once per batch (242 classes, batch 128: 0.53 times), so a
+one-step meta-objective on another batch mostly rewards class-agnostic changes such as shrinking
+every logit toward uniform predictions (measured in ``docs/results.md``, loss comparison).
 
 Many classes (a design limitation, not a bug): the loss network reads softmax probabilities, so
 its gradient w.r.t. the logits is ``p_k (g'_k - sum_c p_c g'_c)`` -- ``O(1/C)`` while the
@@ -19,7 +25,9 @@ gradients 1e-4 (PyTorch init) to 1e-3 (Kaiming init, the reference code's) of cr
 so the first updates barely move the model and the meta-learner must first grow the slope gap
 ``g'(p, 1) - g'(p, 0)`` near ``p = 1/C`` by orders of magnitude. The sum over classes (not a mean)
 is the reference behaviour and already the larger of the two. Measurements and the defaults
-chosen for ``npbml fit`` are in ``docs/results.md`` (loss comparison).
+chosen for ``npbml fit`` are in ``docs/results.md`` (loss comparison). This toolkit's options
+``LearnedLoss(inputs="log_prob")``, :func:`npbml.loss_learning.regress_to_cross_entropy` (a CE
+warm start) and ``meta_batch="same"`` remove both many-class problems; none is the paper's form.
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from npbml.inner import InnerSGD, SGDState
 from npbml.loss_learning.ml3 import (
@@ -43,10 +50,11 @@ from npbml.loss_learning.ml3 import (
     unrolled_step,
 )
 from npbml.losses.learned import all_finite, restore_parameters, snapshot_parameters
+from npbml.params import functional_forward
 
 logger = logging.getLogger(__name__)
 
-META_BATCHES = ("next", "validation")
+META_BATCHES = ("next", "validation", "same")
 
 
 def adalfl_meta_loss(
@@ -69,7 +77,7 @@ def adalfl_meta_loss(
     base, new_params, new_state = unrolled_step(
         model, loss_net, params, batch, optimizer, state, loss_params
     )
-    preds = functional_call(model, new_params, (meta_batch[0],), strict=False)
+    preds = functional_forward(model, new_params, meta_batch[0])
     return meta_objective(preds, meta_batch, new_params), base, new_params, new_state
 
 
@@ -105,7 +113,8 @@ class AdaLFL:
         loss_net: the learned loss ``M_phi``.
         base_lr, momentum, nesterov, weight_decay: the base SGD (defaults 0.01, 0.9, True, 5e-4).
         meta_lr: Adam learning rate of ``phi`` (default 1e-3).
-        meta_batch: ``"next"`` (the next training batch) or ``"validation"``.
+        meta_batch: ``"next"`` (the next training batch), ``"validation"`` or ``"same"`` (the
+            step's own batch; used when :meth:`step` gets no meta batch).
         validation_batches: an iterable cycled for the meta batch when ``step`` gets none (needed
             for ``meta_batch="validation"`` unless batches are passed explicitly).
         meta_objective: ``(predictions, batch, params) -> scalar``; default CE / MSE by task.
@@ -203,7 +212,8 @@ class AdaLFL:
         Whether it was skipped is in :attr:`last_step`.
         """
         if meta_batch is None:
-            meta_batch = self._next_validation_batch()
+            same = self.meta_batch == "same"
+            meta_batch = batch if same else self._next_validation_batch()
         trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
         params = {k: v.detach().requires_grad_() for k, v in trainable.items()}
         meta, base, new_params, new_state = adalfl_meta_loss(
@@ -255,6 +265,8 @@ class AdaLFL:
             following = next(it, None)
             if self.meta_batch == "next":
                 self.step(current, following if following is not None else current)
+            elif self.meta_batch == "same":
+                self.step(current, current)
             else:
                 self.step(current)
             out.append(self.last_step)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from npbml.inner import InnerSGD, SGDState
 from npbml.losses.learned import all_finite
+from npbml.params import functional_forward
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,12 @@ def loss_value(
     targets: torch.Tensor,
     loss_params: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``loss_fn(preds, targets)``, with ``loss_params`` substituted via ``functional_call``."""
+    """``loss_fn(preds, targets)``, with ``loss_params`` substituted via ``functional_forward``."""
     if loss_params is None:
         return loss_fn(preds, targets)
     if not isinstance(loss_fn, nn.Module):
         raise TypeError("loss_params given but the loss is not an nn.Module")
-    return functional_call(loss_fn, dict(loss_params), (preds, targets), strict=False)
+    return functional_forward(loss_fn, loss_params, preds, targets)
 
 
 def unrolled_step(
@@ -81,7 +81,7 @@ def unrolled_step(
     ``create_graph`` the result is differentiable w.r.t. the loss network's parameters (second
     order), including through momentum buffers carried in ``state``.
     """
-    preds = functional_call(model, dict(params), (batch[0],), strict=False)
+    preds = functional_forward(model, params, batch[0])
     base = loss_value(loss_fn, preds, batch[1], loss_params)
     names = list(params)
     grads = torch.autograd.grad(
@@ -153,7 +153,7 @@ class ML3:
             base, new, state = unrolled_step(
                 model, self.loss_net, new, batch, self.inner_optimizer, state
             )
-        preds = functional_call(model, new, (meta_batch[0],), strict=False)
+        preds = functional_forward(model, new, meta_batch[0])
         meta = self.meta_objective(preds, meta_batch, new)
         phis = [p for p in self.loss_net.parameters() if p.requires_grad]
         grads = torch.autograd.grad(meta, phis, allow_unused=True)

@@ -20,6 +20,7 @@ from npbml.activations import smooth_leaky_relu
 TASKS = ("classification", "regression")
 OUTPUT_ACTIVATIONS = ("softplus", "none")
 INITS = ("default", "kaiming")
+INPUTS = ("prob", "log_prob")
 
 
 class LearnedLoss(nn.Module):
@@ -46,6 +47,14 @@ class LearnedLoss(nn.Module):
             initialisation it is ``O(1/C)``, so the init scale matters more with many classes
             (see ``docs/results.md``, loss comparison).
         reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` (per example).
+        inputs: what the per-class MLP reads for classification. ``"prob"`` (default, the
+            papers' form: ML3, AdaLFL and METHODS.md sec 4) is ``p_c = softmax(z)_c``;
+            ``"log_prob"`` (**a deviation from the papers**, an option of this toolkit) is
+            ``log p_c = log_softmax(z)_c``. With log-probabilities the logit gradient is
+            ``g'_k - p_k sum_c g'_c``, which at near-uniform predictions is the slope gap
+            ``g'(l, 1) - g'(l, 0)`` -- ``O(1)`` instead of ``O(1/C)`` -- and cross-entropy's
+            per-class terms ``g(l, y) = -y l`` are closely approximated by the MLP
+            (:func:`npbml.loss_learning.regress_to_cross_entropy`). Ignored for regression.
     """
 
     def __init__(
@@ -56,8 +65,11 @@ class LearnedLoss(nn.Module):
         init_std: float | None = None,
         reduction: str = "mean",
         init: str = "default",
+        inputs: str = "prob",
     ) -> None:
         super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if output_activation not in OUTPUT_ACTIVATIONS:
@@ -74,6 +86,7 @@ class LearnedLoss(nn.Module):
         self.task = task
         self.output_activation = output_activation
         self.reduction = reduction
+        self.inputs = inputs
         self.layers = nn.ModuleList(
             nn.Linear(i, o, bias=False) for i, o in zip(widths[:-1], widths[1:])
         )
@@ -92,7 +105,10 @@ class LearnedLoss(nn.Module):
                     "classification LearnedLoss expects logits [N, C], got "
                     f"{tuple(predictions.shape)}"
                 )
-            p = torch.softmax(predictions, dim=-1)
+            if self.inputs == "log_prob":
+                p = torch.log_softmax(predictions, dim=-1)
+            else:
+                p = torch.softmax(predictions, dim=-1)
             if targets.dim() == 1 and not targets.is_floating_point():
                 if targets.shape[0] != predictions.shape[0]:
                     raise ValueError(
@@ -142,7 +158,10 @@ class LearnedLoss(nn.Module):
         return per_example
 
     def extra_repr(self) -> str:
-        return f"task={self.task!r}, output_activation={self.output_activation!r}"
+        extra = f"task={self.task!r}, output_activation={self.output_activation!r}"
+        if self.task == "classification":
+            extra += f", inputs={self.inputs!r}"
+        return extra
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
