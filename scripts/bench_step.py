@@ -166,12 +166,10 @@ def _timing_stats(times: list[float]) -> dict[str, Any]:
     }
 
 
-def run_timing(args: argparse.Namespace) -> dict[str, Any]:
-    """All variants in one process, steps interleaved round-robin (rotating the order each
-    round), so that load from other jobs on a shared machine hits every variant alike."""
-    torch.set_num_threads(args.threads)
-    batch = make_batch(args, torch.device(args.device))
-    runners = {v: Runner(v, args, batch) for v in args.variants}
+def round_robin(runners: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, then ``args.steps`` steps of every runner interleaved round-robin (rotating the
+    order each round), so that load from other jobs on a shared machine hits every variant
+    alike; timing statistics per variant."""
     for r in runners.values():
         for _ in range(args.warmup):
             r.step()
@@ -181,6 +179,13 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
         for v in order[i % len(order) :] + order[: i % len(order)]:
             times[v].append(runners[v].step())
     return {v: _timing_stats(t) for v, t in times.items()}
+
+
+def run_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """All variants in one process (:func:`round_robin`)."""
+    torch.set_num_threads(args.threads)
+    batch = make_batch(args, torch.device(args.device))
+    return round_robin({v: Runner(v, args, batch) for v in args.variants}, args)
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -414,16 +419,7 @@ class L2LRunner:
 
 def run_l2l_timing(args: argparse.Namespace) -> dict[str, Any]:
     batch = make_batch(args, torch.device("cpu"))
-    runners = {v: L2LRunner(v, args, batch) for v in args.variants}
-    for r in runners.values():
-        for _ in range(args.warmup):
-            r.step()
-    times: dict[str, list[float]] = {v: [] for v in runners}
-    order = list(runners)
-    for i in range(args.steps):
-        for v in order[i % len(order) :] + order[: i % len(order)]:
-            times[v].append(runners[v].step())
-    return {v: _timing_stats(t) for v, t in times.items()}
+    return round_robin({v: L2LRunner(v, args, batch) for v in args.variants}, args)
 
 
 def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
