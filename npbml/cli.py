@@ -229,7 +229,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if tasks < 1:
         raise ConfigError(f"--tasks must be >= 1, got {tasks}")
     sampler = getattr(make_tasksets(config, root=args.root), split)
-    res = evaluate(learner, sampler, tasks, device=device, progress=not args.json)
+    res = evaluate(
+        learner,
+        sampler,
+        tasks,
+        device=device,
+        progress=not args.json,
+        workers=config.train.task_workers,
+    )
     out = {
         **res,
         "split": split,
@@ -421,10 +428,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             extra = _demo_pretrain(run, config, tasksets, out_dir, log)
             config = demo_config(run, [*args.overrides, *extra])
         probe = build_learner(config, infer_model_kwargs(config, tasksets))
+        workers = config.train.task_workers
         probe.evaluate(tasksets.test.sample(0))  # warm-up
         t0 = time.perf_counter()
-        for j in range(8):
-            probe.evaluate(tasksets.test.sample(j))
+        evaluate(probe, tasksets.test, 8, workers=workers)  # as the final test will run
         per_task = [(time.perf_counter() - t0) / 8]
         del probe
 
@@ -457,7 +464,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         t3 = time.perf_counter()
         learner, _, _ = load_learner(out_dir, "cpu")
         _use_threads(config)
-        res = evaluate(learner, tasksets.test, tasks, progress=not args.json, desc="test")
+        res = evaluate(
+            learner,
+            tasksets.test,
+            tasks,
+            progress=not args.json,
+            desc="test",
+            workers=config.train.task_workers,
+        )
         results.append(
             {
                 "method": run.label,

@@ -61,26 +61,49 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "eval",
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Mean query accuracy over episodes ``0 .. num_tasks-1`` of ``sampler``, with its 95% interval.
 
     Episodes are drawn by index (``sampler.sample(i)``), so repeated evaluations of different
     checkpoints see the same tasks and the sampler's own stream position is untouched.
+    ``workers`` > 1 adapts that many episodes at once on CPU threads (an ``nn.Module`` learner;
+    :func:`npbml.algorithms.task_parallel.parallel_map`); episodes are still drawn in this thread
+    and the accuracies are the same as with one worker.
     Returns ``{"accuracy": mean, "ci95": half_width, "tasks": n}`` (accuracies as fractions).
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    parallel = workers > 1 and isinstance(learner, torch.nn.Module)
+    chunk = 4 * workers if parallel else 1
     accs = np.empty(num_tasks, dtype=np.float64)
-    it = range(num_tasks)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
-    for i in it:
-        episode = sampler.sample(i)
+        bar = tqdm(total=num_tasks, desc=desc, leave=False, dynamic_ncols=True)
+    for start in range(0, num_tasks, chunk):
+        episodes = [sampler.sample(i) for i in range(start, min(start + chunk, num_tasks))]
         if device is not None:
-            episode = episode.to(device)
-        accs[i] = float(learner.evaluate(episode)["accuracy"])
+            episodes = [e.to(device) for e in episodes]
+        if parallel:
+            from npbml.algorithms.task_parallel import parallel_map
+
+            res = parallel_map(
+                learner,  # type: ignore[arg-type]
+                episodes,
+                lambda rep, ep: float(rep.evaluate(ep)["accuracy"]),
+                workers,
+            )
+        else:
+            res = [float(learner.evaluate(e)["accuracy"]) for e in episodes]
+        accs[start : start + len(res)] = res
+        if bar is not None:
+            bar.update(len(res))
+    if bar is not None:
+        bar.close()
     mean, h = mean_confidence_interval(accs)
     return {"accuracy": mean, "ci95": h, "tasks": int(num_tasks)}
 

@@ -664,7 +664,13 @@ def _train(
                     sync_buffers(learner, ctx)
                     res = evaluate_sharded(learner, tasksets.validation, t.val_tasks, ctx, device)
                 else:
-                    res = evaluate(learner, tasksets.validation, t.val_tasks, device=device)
+                    res = evaluate(
+                        learner,
+                        tasksets.validation,
+                        t.val_tasks,
+                        device=device,
+                        workers=t.task_workers,
+                    )
                 res["eval_s"] = time.perf_counter() - t_pause
                 is_best = best is None or res["accuracy"] > best
                 if is_best:

@@ -192,3 +192,24 @@ def test_engine_on_shared_module_with_running_stats_in_parallel():
             t += gr
     for a, b in zip(par, total):
         torch.testing.assert_close(a, b)
+
+
+def test_parallel_evaluate_gives_the_same_accuracies():
+    from npbml.evaluate import evaluate
+    from tasks.dataset import TensorClassDataset
+    from tasks.sampler import TaskSampler
+
+    torch.manual_seed(0)
+    images = (torch.rand(30, 1, 16, 16) * 255).to(torch.uint8)
+    data = TensorClassDataset(images, [list(range(5 * c, 5 * c + 5)) for c in range(6)])
+    sampler = TaskSampler(data, ways=3, shots=1, queries=2, seed=3)
+    learner = MAML(Conv4(hidden=4, image_size=16, num_classes=3), inner_lr=0.5, inner_steps=2)
+    one = evaluate(learner, sampler, 11)
+    # Each episode's accuracy is a multiple of 1/6; the mean over 11 is order-free, so check the
+    # per-episode values too (parallel_map keeps item order, tested above).
+    per_task = [learner.evaluate(sampler.sample(i))["accuracy"] for i in range(11)]
+    assert one["accuracy"] == pytest.approx(sum(per_task) / 11)
+    for workers in (2, 3):
+        assert evaluate(learner, sampler, 11, workers=workers) == one
+    with pytest.raises(ValueError, match="workers"):
+        evaluate(learner, sampler, 2, workers=0)

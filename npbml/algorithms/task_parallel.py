@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TaskResult", "parallel_task_gradients", "replicate"]
+__all__ = ["TaskResult", "parallel_map", "parallel_task_gradients", "replicate"]
 
 # (per-task gradients or None for unused parameters, task loss, task accuracy)
 TaskResult = tuple[list[torch.Tensor | None], float, float]
@@ -70,6 +70,32 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _EXECUTORS[workers]
 
 
+def parallel_map(
+    learner: nn.Module,
+    items: Sequence[Any],
+    fn: Callable[[nn.Module, Any], Any],
+    workers: int,
+) -> list[Any]:
+    """``[fn(replica, item) for item in items]`` on ``workers`` threads, in item order.
+
+    Worker ``w`` takes items ``w, w + workers, ...`` on its own replica of ``learner``
+    (:func:`replicate`), rebuilt on every call so that it sees the learner's current plain
+    attributes (e.g. ``first_order`` switched between calls).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    replicas = [replicate(learner) for _ in range(min(workers, len(items)))]
+
+    def run(w: int) -> list[tuple[int, Any]]:
+        return [(i, fn(replicas[w], items[i])) for i in range(w, len(items), len(replicas))]
+
+    pool = _executor(workers)
+    results: dict[int, Any] = {}
+    for f in [pool.submit(run, w) for w in range(len(replicas))]:
+        results.update(f.result())
+    return [results[i] for i in range(len(items))]
+
+
 def parallel_task_gradients(
     learner: nn.Module,
     tasks: Sequence[Any],
@@ -80,29 +106,13 @@ def parallel_task_gradients(
 ) -> list[TaskResult]:
     """Run ``task_fn(replica, task) -> (loss, accuracy)`` for every task on ``workers`` threads
     and return, in task order, ``d (loss / divisor) / d params`` (None where unused), the loss
-    and the accuracy.
-
-    Worker ``w`` takes tasks ``w, w + workers, ...`` on its own replica of ``learner``; only one
-    task graph per worker is alive at a time.
+    and the accuracy. Only one task graph per worker is alive at a time.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    # Fresh replicas on every call (cheap: no tensor is copied) so that they see the learner's
-    # current plain attributes (e.g. ``first_order`` switched between calls).
-    replicas = [replicate(learner) for _ in range(min(workers, len(tasks)))]
     params = tuple(params)
 
-    def run(w: int) -> list[tuple[int, TaskResult]]:
-        out = []
-        for i in range(w, len(tasks), workers):
-            loss, acc = task_fn(replicas[w], tasks[i])
-            grads = torch.autograd.grad(loss / divisor, params, allow_unused=True)
-            out.append((i, (list(grads), float(loss.detach()), acc)))
-        return out
+    def one(replica: nn.Module, task: Any) -> TaskResult:
+        loss, acc = task_fn(replica, task)
+        grads = torch.autograd.grad(loss / divisor, params, allow_unused=True)
+        return list(grads), float(loss.detach()), acc
 
-    pool = _executor(workers)
-    futures = [pool.submit(run, w) for w in range(len(replicas))]
-    results: dict[int, TaskResult] = {}
-    for f in futures:
-        results.update(f.result())
-    return [results[i] for i in range(len(tasks))]
+    return parallel_map(learner, tasks, one, workers)
