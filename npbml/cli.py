@@ -215,14 +215,23 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-@subcommand("eval", "mean test accuracy with a 95%% interval over fixed episodes", _eval_args)
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from npbml.evaluate import evaluate
-    from npbml.train import load_learner, make_tasksets, resolve_checkpoint, resolve_device
+def _load_run(args: argparse.Namespace) -> tuple[Any, Path, Any, Any, dict[str, Any]]:
+    """``(device, checkpoint path, learner, config, state)`` from ``--checkpoint``, ``--which``
+    and ``--device`` (the shared start of ``eval`` and ``eval-lake``)."""
+    from npbml.train import load_learner, resolve_checkpoint, resolve_device
 
     device = resolve_device(args.device)
     path = resolve_checkpoint(args.checkpoint, args.which)
     learner, config, state = load_learner(path, device)
+    return device, path, learner, config, state
+
+
+@subcommand("eval", "mean test accuracy with a 95%% interval over fixed episodes", _eval_args)
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from npbml.evaluate import evaluate
+    from npbml.train import make_tasksets
+
+    device, path, learner, config, state = _load_run(args)
     _use_threads(config)
     split = args.split or config.eval.split
     tasks = args.tasks if args.tasks is not None else config.eval.tasks
@@ -266,12 +275,9 @@ def _lake_args(p: argparse.ArgumentParser) -> None:
 @subcommand("eval-lake", "error rate on Lake et al.'s 20-way one-shot runs", _lake_args)
 def _cmd_eval_lake(args: argparse.Namespace) -> int:
     from npbml.evaluate import evaluate_lake
-    from npbml.train import load_learner, resolve_checkpoint, resolve_device
     from tasks.lake import LakeRuns
 
-    device = resolve_device(args.device)
-    path = resolve_checkpoint(args.checkpoint, args.which)
-    learner, config, state = load_learner(path, device)
+    device, path, learner, config, state = _load_run(args)
     mk = state["model_kwargs"]
     if mk.get("num_classes") != 20:
         raise ConfigError(

@@ -77,6 +77,8 @@ def evaluate(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     parallel = workers > 1 and isinstance(learner, torch.nn.Module)
+    if parallel:
+        from npbml.algorithms.task_parallel import parallel_map
     chunk = 4 * workers if parallel else 1
     accs = np.empty(num_tasks, dtype=np.float64)
     bar = None
@@ -89,8 +91,6 @@ def evaluate(
         if device is not None:
             episodes = [e.to(device) for e in episodes]
         if parallel:
-            from npbml.algorithms.task_parallel import parallel_map
-
             res = parallel_map(
                 learner,  # type: ignore[arg-type]
                 episodes,

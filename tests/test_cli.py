@@ -8,26 +8,13 @@ import sys
 
 import pytest
 import yaml
+from tiny_run import tiny_run
 
 from npbml import cli
 from npbml.checkpoint import load_checkpoint
 
 TINY = {
-    "data": {
-        "name": "glyphs",
-        "ways": 3,
-        "shots": 1,
-        "queries": 2,
-        "options": {
-            "num_train": 12,
-            "num_validation": 6,
-            "num_test": 6,
-            "images_per_class": 4,
-            "image_size": 16,
-        },
-    },
-    "model": {"name": "conv4", "options": {"hidden": 4, "variant": "strided"}},
-    "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 2},
+    **tiny_run({}, eval_inner_steps=2),
     "train": {
         "meta_batch_size": 2,
         "meta_steps": 4,

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from tiny_run import tiny_run
 
 from npbml.checkpoint import load_checkpoint
 from npbml.config import ConfigError, config_from_dict
@@ -53,26 +54,7 @@ def _config(**train_overrides):
         "threads": 1,
     }
     t.update(train_overrides)
-    return config_from_dict(
-        {
-            "data": {
-                "name": "glyphs",
-                "ways": 3,
-                "shots": 1,
-                "queries": 2,
-                "options": {
-                    "num_train": 12,
-                    "num_validation": 6,
-                    "num_test": 6,
-                    "images_per_class": 4,
-                    "image_size": 16,
-                },
-            },
-            "model": {"name": "conv4", "options": {"hidden": 4, "variant": "strided"}},
-            "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1},
-            "train": t,
-        }
-    )
+    return config_from_dict(tiny_run(t))
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:

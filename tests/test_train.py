@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from tiny_run import tiny_run
 
 import npbml.checkpoint as ckpt_mod
 from npbml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -38,26 +39,7 @@ def tiny_config(**train_overrides):
         "threads": 1,
     }
     train.update(train_overrides)
-    return config_from_dict(
-        {
-            "data": {
-                "name": "glyphs",
-                "ways": 3,
-                "shots": 1,
-                "queries": 2,
-                "options": {
-                    "num_train": 12,
-                    "num_validation": 6,
-                    "num_test": 6,
-                    "images_per_class": 4,
-                    "image_size": 16,
-                },
-            },
-            "model": {"name": "conv4", "options": {"hidden": 4, "variant": "strided"}},
-            "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1},
-            "train": train,
-        }
-    )
+    return config_from_dict(tiny_run(train))
 
 
 def _params(learner):
