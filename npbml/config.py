@@ -110,6 +110,8 @@ class TrainConfig:
     ``task_workers``: run the tasks of a meta-batch on this many CPU threads (> 1 implies
     per-task backward; bit-identical gradient; use with ``threads: 1``, workers x threads <=
     cores; :mod:`npbml.algorithms.task_parallel`).
+    ``channels_last``: run the learner's convolutions on NHWC tensors (:mod:`npbml.layout`; same
+    values and gradients up to float rounding, 1.2-2x faster on CPU for Conv4 backbones).
     ``max_nonfinite_steps``: a meta-step whose meta-loss or meta-gradient is not finite is
     skipped with a warning; this many skips in a row stop the run (the last checkpoint is kept).
     """
@@ -131,6 +133,7 @@ class TrainConfig:
     threads: int | None = None
     per_task_backward: bool = False
     task_workers: int = 1
+    channels_last: bool = False
     max_nonfinite_steps: int = 5
 
 

@@ -86,6 +86,7 @@ RESUMABLE_CHANGES = {
     "train.device",
     "train.threads",
     "train.task_workers",
+    "train.channels_last",
     "train.log_every",
     "eval.tasks",
     "eval.split",
@@ -184,7 +185,7 @@ def build_learner(config: Config, model_kwargs: dict[str, Any]) -> nn.Module:
         raise ConfigError(f"model ({config.model.name}): {e}") from e
     a = config.algorithm
     try:
-        return build_algorithm(
+        learner = build_algorithm(
             a.name,
             model,
             inner_lr=a.inner_lr,
@@ -197,6 +198,14 @@ def build_learner(config: Config, model_kwargs: dict[str, Any]) -> nn.Module:
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"algorithm ({a.name}): {e}") from e
+    if config.train.channels_last:
+        if not hasattr(learner, "channels_last"):
+            raise ConfigError(
+                f"train.channels_last: algorithm {a.name!r} has no channels-last mode; "
+                "set train.channels_last: false"
+            )
+        learner.channels_last = True
+    return learner
 
 
 def _meta_parameters(learner: nn.Module) -> list[torch.nn.Parameter]:

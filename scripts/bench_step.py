@@ -34,7 +34,12 @@ object class, the same initial weights and the same episodes* (the engine accept
 steps, FiLM, warp, task-adaptive loss with a relation network) as a ratio to MAML's on the
 equivalent Conv4-64 (strided). Variant names carry their intra-op thread count (``@1t``,
 ``@2t``); ``engine-parallel`` runs the tasks on ``--workers`` threads of one intra-op thread each
-(:mod:`npbml.algorithms.task_parallel`). Needs a Python with learn2learn (see
+(:mod:`npbml.algorithms.task_parallel`); a ``-cl`` variant runs the engine channels-last
+(``MAML(..., channels_last=True)``, :mod:`npbml.layout`); ``engine-ddp-cl`` splits the
+meta-batch over ``--workers`` processes of one thread each (a gloo group, the gradient
+all-reduce of ``torchrun ... npbml train``; rank 0 is the timing process, the other ranks wait
+on a pipe between steps); ``l2l-cl`` is learn2learn with its conv weights stored channels-last
+(information: what the same trick does for learn2learn). Needs a Python with learn2learn (see
 ``scripts/install_learn2learn.sh``); from any other interpreter the script re-runs itself with
 ``--l2l-python`` (default: ``$NPBML_L2L_PYTHON``, ``.venv-l2l/bin/python`` or
 ``~/.cache/npbml/venv-l2l/bin/python``). Writes ``docs/bench_l2l.json`` and, with
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import platform
@@ -71,6 +77,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from npbml.algorithms import MAML  # noqa: E402
+from npbml.distributed import all_reduce_gradients  # noqa: E402
 from npbml.models import Conv4  # noqa: E402
 from tasks.episode import Episode  # noqa: E402
 
@@ -333,14 +340,22 @@ L2L_MD_START, L2L_MD_END = "<!-- bench_l2l:start -->", "<!-- bench_l2l:end -->"
 L2L_VARIANTS = (
     "l2l@1t",
     "l2l@2t",
+    "l2l-cl@1t",
     "engine@1t",
     "engine@2t",
+    "engine-cl@1t",
     "engine-parallel",
+    "engine-parallel-cl",
+    "engine-ddp-cl",
     "l2l-fo@1t",
     "l2l-fo@2t",
+    "l2l-cl-fo@1t",
     "engine-fo@1t",
     "engine-fo@2t",
+    "engine-cl-fo@1t",
     "engine-parallel-fo",
+    "engine-parallel-cl-fo",
+    "engine-ddp-cl-fo",
     "maml-conv4",
     "npbml-conv4",
 )
@@ -353,17 +368,23 @@ def _l2l_python_candidates() -> list[str]:
     return ([env] if env else []) + [str(p) for p in paths]
 
 
+_THREADED = ("engine-parallel", "engine-parallel-cl", "maml-conv4", "npbml-conv4")
+
+
 def _parse_variant(name: str, workers: int) -> dict[str, Any]:
-    """``"l2l-fo@2t"`` -> kind l2l, first order, 2 intra-op threads, 1 worker."""
+    """``"l2l-fo@2t"`` -> kind l2l, first order, 2 intra-op threads, 1 worker, 1 process;
+    ``"engine-ddp-cl"`` -> ``workers`` processes of one thread each; a ``-cl`` kind (and the
+    Conv4 pair) runs channels-last (:mod:`npbml.layout`)."""
     base, _, threads = name.partition("@")
     first = base.endswith("-fo")
     kind = base[: -len("-fo")] if first else base
-    parallel = kind in ("engine-parallel", "maml-conv4", "npbml-conv4")
     return {
         "kind": kind,
         "first_order": first,
         "threads": int(threads.rstrip("t")) if threads else 1,
-        "workers": workers if parallel else 1,
+        "workers": workers if kind in _THREADED else 1,
+        "procs": workers if kind == "engine-ddp-cl" else 1,
+        "channels_last": kind.endswith("-cl") or kind in ("maml-conv4", "npbml-conv4"),
     }
 
 
@@ -378,37 +399,64 @@ class L2LRunner:
         self.spec = _parse_variant(name, args.workers)
         kind, fo = self.spec["kind"], self.spec["first_order"]
         torch.manual_seed(0)  # identical initial weights for every variant of one network
-        if kind in ("l2l", "engine", "engine-parallel"):
-            self.model: nn.Module = OmniglotCNN(output_size=args.ways)
+        if kind in ("maml-conv4", "npbml-conv4"):
+            self.model: nn.Module = Conv4(1, args.ways, hidden=64, image_size=28, variant="strided")
         else:
-            self.model = Conv4(1, args.ways, hidden=64, image_size=28, variant="strided")
-        if kind == "l2l":
+            self.model = OmniglotCNN(output_size=args.ways)
+        if kind == "l2l-cl":
+            # The same trick for learn2learn (information only): weights stored NHWC, which
+            # clone() preserves, so its convolutions run channels-last too.
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if p.dim() == 4:
+                        p.data = p.data.clone(memory_format=torch.channels_last)
+        if kind.startswith("l2l"):
             self.learner: nn.Module = l2l.algorithms.MAML(self.model, lr=0.4, first_order=fo)
         elif kind == "npbml-conv4":
             from npbml.algorithms import NPBML
             from npbml.relation import RelationNetwork
 
             self.learner = NPBML(self.model, relation_net=RelationNetwork(in_channels=1))
+            self.learner.channels_last = True
         else:
-            self.learner = MAML(self.model, inner_lr=0.4, inner_steps=1, first_order=fo)
-        params = self.learner.parameters() if kind == "l2l" else self.learner.meta_parameters()
-        self.opt = torch.optim.Adam(params, lr=1e-3)
+            self.learner = MAML(
+                self.model,
+                inner_lr=0.4,
+                inner_steps=1,
+                first_order=fo,
+                channels_last=self.spec["channels_last"],
+            )
+        if self.spec["procs"] > 1:
+            # Rank 0 of a group whose other ranks are helper processes (DDPGroup); this rank
+            # keeps its contiguous share of the meta-batch, as npbml.distributed does.
+            self.group = DDPGroup.get(args, self.spec["procs"])
+            share = len(self.tasks) // self.spec["procs"]
+            self.batch = Episode.stack(self.tasks[:share])
+        params = (
+            self.learner.parameters() if kind.startswith("l2l") else self.learner.meta_parameters()
+        )
+        self.params = list(params)
+        self.opt = torch.optim.Adam(self.params, lr=1e-3)
 
-    def meta_gradient(self) -> None:
+    def meta_gradient(self, command: str = "grad") -> None:
         self.opt.zero_grad(set_to_none=True)
-        if self.spec["kind"] == "l2l":
+        if self.spec["kind"].startswith("l2l"):
             # learn2learn's examples/vision/maml_omniglot.py: clone, adapt, backward per task.
             for t in self.tasks:
                 learner = self.learner.clone()
                 learner.adapt(F.cross_entropy(learner(t.support_x), t.support_y))
                 (F.cross_entropy(learner(t.query_x), t.query_y) / len(self.tasks)).backward()
+        elif self.spec["procs"] > 1:
+            self.group.command(command, self.name)
+            self.learner.meta_backward(self.batch)
+            all_reduce_gradients(self.params, self.group.ctx)
         else:
             self.learner.meta_backward(self.batch, workers=self.spec["workers"])
 
     def step(self) -> float:
         torch.set_num_threads(self.spec["threads"])
         t0 = time.perf_counter()
-        self.meta_gradient()
+        self.meta_gradient("step")  # DDP: the other ranks' Adam steps follow their all-reduce
         self.opt.step()
         return time.perf_counter() - t0
 
@@ -416,10 +464,138 @@ class L2LRunner:
         self.meta_gradient()
         return [p.grad.clone() for p in self.model.parameters()]
 
+    def close(self) -> dict[str, Any]:
+        """Stop the helper ranks (DDP variant); their peak RSS above idle, per rank."""
+        return self.group.close() if self.spec["procs"] > 1 else {}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DDPGroup:
+    """Helper ranks 1..P-1 of a gloo group whose rank 0 is this process (``engine-ddp-cl*``).
+
+    One group per process (torch allows one default group), shared by the DDP variants of a
+    timing run. Each helper builds, per variant, the same runner (same seed, same episodes) on its
+    contiguous share of the meta-batch and waits on a pipe (blocked, no CPU) between commands, so
+    the interleaved timing of the other variants runs on an otherwise idle machine.
+    ``("step", variant)``: meta-gradient of its share, all-reduce
+    (:func:`npbml.distributed.all_reduce_gradients`, the torchrun path of ``npbml train``),
+    Adam; ``("grad", variant)``: the same without the Adam step.
+    """
+
+    _shared: DDPGroup | None = None
+
+    @classmethod
+    def get(cls, args: argparse.Namespace, procs: int) -> DDPGroup:
+        if cls._shared is None:
+            cls._shared = cls(args, procs)
+        cls._shared.users += 1
+        return cls._shared
+
+    def __init__(self, args: argparse.Namespace, procs: int) -> None:
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+
+        from npbml.distributed import DistContext
+
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        self.users = 0
+        self.pipes: list[Any] = []
+        self.procs: list[Any] = []
+        for rank in range(1, procs):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(
+                target=_ddp_helper, args=(rank, procs, port, vars(args), there), daemon=True
+            )
+            proc.start()
+            self.pipes.append(here)
+            self.procs.append(proc)
+        # A helper that fails to start makes this raise after the timeout instead of hanging.
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=procs,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        self.ctx = DistContext(0, procs, 0, torch.device("cpu"), "gloo", owns_group=True)
+
+    def command(self, what: str, variant: str) -> None:
+        for pipe in self.pipes:
+            pipe.send((what, variant))
+
+    def close(self) -> dict[str, Any]:
+        """Release one user; the last one stops the helpers (their peak RSS above idle)."""
+        import torch.distributed as dist
+
+        self.users -= 1
+        if self.users > 0:
+            return {}
+        self.command("stop", "")
+        peaks = [pipe.recv() for pipe in self.pipes]
+        for proc in self.procs:
+            proc.join(timeout=30)
+        dist.destroy_process_group()
+        DDPGroup._shared = None
+        return {"helper_above_idle_mib": peaks}
+
+
+def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: Any) -> None:
+    import torch.distributed as dist
+
+    from npbml.distributed import DistContext
+
+    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.set_num_threads(1)
+    args = argparse.Namespace(**argd)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=procs,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    ctx = DistContext(rank, procs, 0, torch.device("cpu"), "gloo", owns_group=True)
+    tasks = make_batch(args, torch.device("cpu")).unstack()
+    share = len(tasks) // procs
+    batch = Episode.stack(tasks[rank * share : (rank + 1) * share])
+    runs: dict[str, tuple[MAML, torch.optim.Optimizer]] = {}
+    while True:
+        what, variant = pipe.recv()
+        if what == "stop":
+            pipe.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - idle) / 1024)
+            dist.destroy_process_group()
+            return
+        if variant not in runs:
+            from learn2learn.vision.models import OmniglotCNN
+
+            fo = _parse_variant(variant, args.workers)["first_order"]
+            torch.manual_seed(0)
+            learner = MAML(OmniglotCNN(output_size=args.ways), 0.4, first_order=fo)
+            learner.channels_last = True
+            runs[variant] = (learner, torch.optim.Adam(learner.meta_parameters(), lr=1e-3))
+        learner, opt = runs[variant]
+        opt.zero_grad(set_to_none=True)
+        learner.meta_backward(batch)
+        all_reduce_gradients(learner.meta_parameters(), ctx)
+        if what == "step":
+            opt.step()
+
 
 def run_l2l_timing(args: argparse.Namespace) -> dict[str, Any]:
     batch = make_batch(args, torch.device("cpu"))
-    return round_robin({v: L2LRunner(v, args, batch) for v in args.variants}, args)
+    runners = {v: L2LRunner(v, args, batch) for v in args.variants}
+    result = round_robin(runners, args)
+    for r in runners.values():
+        r.close()
+    return result
 
 
 def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,14 +613,22 @@ def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
         "above_idle_mib": (peak_rss - idle_rss) / 1024,
     }
     spec = runner.spec
-    if spec["kind"] in ("engine", "engine-parallel"):
-        # Same initial weights (seed), same episodes: the meta-gradient must equal learn2learn's.
+    if spec["kind"].startswith("engine"):
+        # Same weights (this runner's, after its steps), same episodes: the meta-gradient must
+        # equal learn2learn's (exactly for NCHW on one process; up to float rounding for a
+        # channels-last or multi-process sum).
         ref = L2LRunner("l2l-fo@1t" if spec["first_order"] else "l2l@1t", args, batch)
-        ours = L2LRunner(args.variant, args, batch)
-        diffs = [float((a - b).abs().max()) for a, b in zip(ours.grads(), ref.grads())]
-        scale = max(float(g.abs().max()) for g in ref.grads())
+        ref.model.load_state_dict(runner.model.state_dict())
+        ref_grads = ref.grads()
+        diffs = [float((a - b).abs().max()) for a, b in zip(runner.grads(), ref_grads)]
         out["max_abs_grad_diff_vs_l2l"] = max(diffs)
-        out["max_abs_grad_l2l"] = scale
+        out["max_abs_grad_l2l"] = max(float(g.abs().max()) for g in ref_grads)
+    helpers = runner.close()
+    if helpers:
+        # Every rank is a process of its own: the variant's memory is their sum.
+        out.update(helpers)
+        out["rank0_above_idle_mib"] = out["above_idle_mib"]
+        out["above_idle_mib"] += sum(helpers["helper_above_idle_mib"])
     return out
 
 
@@ -483,18 +667,20 @@ def l2l_markdown(result: dict[str, Any]) -> str:
     s, m = result["setting"], result["machine"]
     by = {r["variant"]: r for r in result["variants"]}
     rows = [
-        "| variant | order | intra-op threads x task workers | median step (s) | min step (s) "
-        "| peak RSS above idle (MiB) | max abs grad diff vs learn2learn |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| variant | order | layout | intra-op threads x task workers x processes "
+        "| median step (s) | min step (s) | peak RSS above idle (MiB) "
+        "| max abs grad diff vs learn2learn (of max abs grad) |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in result["variants"]:
         sp = _parse_variant(r["variant"], s["workers"])
         diff = r.get("max_abs_grad_diff_vs_l2l")
+        diff_text = "-" if diff is None else f"{diff:.1e} (of {r['max_abs_grad_l2l']:.2f})"
         rows.append(
             f"| {r['variant']} | {'first' if sp['first_order'] else 'second'} | "
-            f"{sp['threads']} x {sp['workers']} | {r['step_s_median']:.3f} | "
-            f"{r['step_s_min']:.3f} | {r['above_idle_mib']:.0f} | "
-            f"{'-' if diff is None else f'{diff:.1e}'} |"
+            f"{'NHWC' if sp['channels_last'] else 'NCHW'} | "
+            f"{sp['threads']} x {sp['workers']} x {sp['procs']} | {r['step_s_median']:.3f} | "
+            f"{r['step_s_min']:.3f} | {r['above_idle_mib']:.0f} | {diff_text} |"
         )
     lines = []
 
@@ -504,11 +690,17 @@ def l2l_markdown(result: dict[str, Any]) -> str:
 
     for order, suffix in (("second", ""), ("first", "-fo")):
         ref = best("l2l" + suffix)
-        fast = by.get("engine-parallel" + suffix)
-        seq = best("engine" + suffix)
         if ref is None:
             continue
-        for label, r in (("engine-parallel" + suffix, fast), (f"best engine{suffix}@Nt", seq)):
+        candidates = [
+            (kind + suffix, by.get(kind + suffix))
+            for kind in ("engine-ddp-cl", "engine-parallel-cl", "engine-parallel")
+        ] + [
+            (f"best engine-cl{suffix}@Nt", best("engine-cl" + suffix)),
+            (f"best engine{suffix}@Nt", best("engine" + suffix)),
+            (f"best l2l-cl{suffix}@Nt (information)", best("l2l-cl" + suffix)),
+        ]
+        for label, r in candidates:
             if r is None:
                 continue
             lines.append(
@@ -522,7 +714,11 @@ def l2l_markdown(result: dict[str, Any]) -> str:
             (r for v, r in by.items() if v.startswith("l2l" + suffix + "@")),
             key=lambda r: r["above_idle_mib"],
         )
-        lean = [r for v, r in by.items() if v.startswith("engine" + suffix + "@")]
+        lean = [
+            r
+            for v, r in by.items()
+            if v.startswith(("engine" + suffix + "@", "engine-cl" + suffix + "@"))
+        ]
         if lean:
             low = min(lean, key=lambda r: r["above_idle_mib"])
             lines.append(
@@ -535,7 +731,7 @@ def l2l_markdown(result: dict[str, Any]) -> str:
         a, b = by["maml-conv4"], by["npbml-conv4"]
         lines.append(
             f"- NPBML meta-iteration / MAML meta-iteration on Conv4-64 (strided), both "
-            f"task-parallel: {b['step_s_median'] / a['step_s_median']:.2f}x time "
+            f"task-parallel and channels-last: {b['step_s_median'] / a['step_s_median']:.2f}x time "
             f"({b['step_s_median']:.3f} vs {a['step_s_median']:.3f} s), "
             f"{b['above_idle_mib']:.0f} vs {a['above_idle_mib']:.0f} MiB above idle."
         )
@@ -550,8 +746,11 @@ def l2l_markdown(result: dict[str, Any]) -> str:
             f"{s['queries']} queries/class, meta-batch {s['meta_batch']}, 1 inner step "
             "(lr 0.4), Adam outer step, synthetic episodes. learn2learn: `MAML(model, lr=0.4, "
             "first_order=...)`, per task `clone()`, `adapt(loss)`, query loss `backward()` "
-            "(its `maml_omniglot.py` loop). Engine: `MAML(model).meta_backward(batch, "
-            "workers=...)` on a model built with the same seed (same weights). Timing: "
+            "(its `maml_omniglot.py` loop). Engine: `MAML(model, channels_last=...)"
+            ".meta_backward(batch, workers=...)` on a model built with the same seed (same "
+            "weights); `engine-ddp-cl`: 2 processes with half the meta-batch each and a gloo "
+            "all-reduce (the `torchrun` path); `l2l-cl`: learn2learn with NHWC conv weights "
+            "(information). Timing: "
             f"{s['steps']} steps per variant after {s['warmup']} warm-up, all variants in one "
             "process, interleaved round-robin; memory: each variant alone in a fresh process "
             f"({s['mem_steps']} steps; `ru_maxrss` above the process's RSS after imports).",

@@ -48,3 +48,56 @@ def test_first_and_second_order_differ(bench):
     so = bench.L2LRunner("engine@1t", args, batch).grads()
     fo = bench.L2LRunner("engine-fo@1t", args, batch).grads()
     assert any(not torch.allclose(a, b) for a, b in zip(so, fo))
+
+
+def _float64(batch):
+    import dataclasses
+
+    return dataclasses.replace(
+        batch, support_x=batch.support_x.double(), query_x=batch.query_x.double()
+    )
+
+
+@pytest.mark.parametrize("order", ["", "-fo"])
+def test_channels_last_engine_equals_learn2learn_in_float64(bench, order):
+    """The channels-last variants (npbml.layout) compute learn2learn's meta-gradient: equal to
+    rounding in float64 (in float32 the NHWC BatchNorm kernel rounds differently)."""
+    torch.set_num_threads(1)
+    args = argparse.Namespace(ways=5, shots=1, queries=3, meta_batch=3, workers=2)
+    batch = _float64(bench.make_batch(args, torch.device("cpu")))
+    ref_runner = bench.L2LRunner(f"l2l{order}@1t", args, batch)
+    ref_runner.model.double()
+    ref = ref_runner.grads()
+    for variant in (f"engine-cl{order}@1t", f"engine-parallel-cl{order}"):
+        ours = bench.L2LRunner(variant, args, batch)
+        ours.model.double()
+        assert ours.learner.channels_last
+        for a, b in zip(ours.grads(), ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_two_process_variant_all_reduces_learn2learn_meta_gradient():
+    """engine-ddp-cl (a helper rank, gloo all-reduce of the two half meta-batches) gives
+    learn2learn's meta-gradient on the whole meta-batch (float32, channels-last rounding)."""
+    import sys
+
+    # The spawned helper rank imports the script by module name, with this sys.path.
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_step
+
+    torch.set_num_threads(1)
+    args = argparse.Namespace(
+        ways=5, shots=1, queries=3, meta_batch=4, workers=2, steps=1, warmup=0, mem_steps=1
+    )
+    batch = bench_step.make_batch(args, torch.device("cpu"))
+    ref = bench_step.L2LRunner("l2l@1t", args, batch).grads()
+    ours = bench_step.L2LRunner("engine-ddp-cl", args, batch)
+    try:
+        got = ours.grads()
+    finally:
+        helpers = ours.close()
+        sys.path.remove(str(SCRIPT.parent))
+    scale = max(float(g.abs().max()) for g in ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * scale)
+    assert len(helpers["helper_above_idle_mib"]) == 1
