@@ -111,7 +111,7 @@ class TrainConfig:
     per-task backward; bit-identical gradient; use with ``threads: 1``, workers x threads <=
     cores; :mod:`npbml.algorithms.task_parallel`).
     ``channels_last``: run the learner's convolutions on NHWC tensors (:mod:`npbml.layout`; same
-    values and gradients up to float rounding, 1.2-2x faster on CPU for Conv4 backbones).
+    values and gradients up to float rounding, 1.07-1.29x faster on CPU for a strided Conv4).
     ``max_nonfinite_steps``: a meta-step whose meta-loss or meta-gradient is not finite is
     skipped with a warning; this many skips in a row stop the run (the last checkpoint is kept).
     """

@@ -60,8 +60,9 @@ class GradientLearner(nn.Module):
         preconditioner: grads dict -> grads dict hook given to the default inner optimizer.
         inner_optimizer: replaces the default ``InnerSGD`` (leave the SGD options unset).
         channels_last: run the network's convolutions on channels-last (NHWC) tensors
-            (:mod:`npbml.layout`): the same values and gradients up to float rounding, 1.2-2x
-            faster on CPU for Conv4-style backbones. Also settable later as an attribute.
+            (:mod:`npbml.layout`): the same values and gradients up to float rounding,
+            1.07-1.29x faster per meta-iteration on CPU for learn2learn's OmniglotCNN
+            (docs/benchmarks.md). Also settable later as an attribute.
     """
 
     def __init__(
