@@ -499,10 +499,7 @@ class DDPGroup:
         return cls._shared
 
     def __init__(self, args: argparse.Namespace, procs: int) -> None:
-        import torch.distributed as dist
         import torch.multiprocessing as mp
-
-        from npbml.distributed import DistContext
 
         port = _free_port()
         ctx = mp.get_context("spawn")
@@ -517,15 +514,7 @@ class DDPGroup:
             proc.start()
             self.pipes.append(here)
             self.procs.append(proc)
-        # A helper that fails to start makes this raise after the timeout instead of hanging.
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=0,
-            world_size=procs,
-            timeout=datetime.timedelta(seconds=120),
-        )
-        self.ctx = DistContext(0, procs, 0, torch.device("cpu"), "gloo", owns_group=True)
+        self.ctx = _join_group(0, procs, port)
 
     def command(self, what: str, variant: str) -> None:
         for pipe in self.pipes:
@@ -547,14 +536,13 @@ class DDPGroup:
         return {"helper_above_idle_mib": peaks}
 
 
-def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: Any) -> None:
+def _join_group(rank: int, procs: int, port: int) -> Any:
+    """Join the benchmark's gloo group (a helper that fails to start makes rank 0 raise after
+    the timeout instead of hanging)."""
     import torch.distributed as dist
 
     from npbml.distributed import DistContext
 
-    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.set_num_threads(1)
-    args = argparse.Namespace(**argd)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -562,31 +550,36 @@ def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: An
         world_size=procs,
         timeout=datetime.timedelta(seconds=120),
     )
-    ctx = DistContext(rank, procs, 0, torch.device("cpu"), "gloo", owns_group=True)
+    return DistContext(rank, procs, 0, torch.device("cpu"), "gloo", owns_group=True)
+
+
+def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: Any) -> None:
+    import torch.distributed as dist
+
+    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.set_num_threads(1)
+    args = argparse.Namespace(**argd)
+    ctx = _join_group(rank, procs, port)
     tasks = make_batch(args, torch.device("cpu")).unstack()
     share = len(tasks) // procs
     batch = Episode.stack(tasks[rank * share : (rank + 1) * share])
-    runs: dict[str, tuple[MAML, torch.optim.Optimizer]] = {}
+    runners: dict[str, L2LRunner] = {}
     while True:
         what, variant = pipe.recv()
         if what == "stop":
             pipe.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - idle) / 1024)
             dist.destroy_process_group()
             return
-        if variant not in runs:
-            from learn2learn.vision.models import OmniglotCNN
-
-            fo = _parse_variant(variant, args.workers)["first_order"]
-            torch.manual_seed(0)
-            learner = MAML(OmniglotCNN(output_size=args.ways), 0.4, first_order=fo)
-            learner.channels_last = True
-            runs[variant] = (learner, torch.optim.Adam(learner.meta_parameters(), lr=1e-3))
-        learner, opt = runs[variant]
-        opt.zero_grad(set_to_none=True)
-        learner.meta_backward(batch)
-        all_reduce_gradients(learner.meta_parameters(), ctx)
+        if variant not in runners:
+            # This rank's share runs as the one-process channels-last variant (same seed, model,
+            # learner and Adam as rank 0's), e.g. engine-ddp-cl-fo -> engine-cl-fo@1t.
+            twin = variant.replace("engine-ddp-cl", "engine-cl") + "@1t"
+            runners[variant] = L2LRunner(twin, args, batch)
+        runner = runners[variant]
+        runner.meta_gradient()
+        all_reduce_gradients(runner.params, ctx)
         if what == "step":
-            opt.step()
+            runner.opt.step()
 
 
 def run_l2l_timing(args: argparse.Namespace) -> dict[str, Any]:

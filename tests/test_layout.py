@@ -196,9 +196,10 @@ def test_view_on_nhwc_activation_gets_an_error_naming_the_fix():
 
 
 def test_config_key_turns_it_on():
+    from tiny_run import tiny_run
+
     from npbml.config import config_from_dict
     from npbml.train import build_learner, infer_model_kwargs, make_tasksets
-    from tests.tiny_run import tiny_run
 
     cfg = config_from_dict(tiny_run({"channels_last": True, "meta_steps": 1}))
     learner = build_learner(cfg, infer_model_kwargs(cfg, make_tasksets(cfg)))

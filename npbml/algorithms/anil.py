@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from npbml.algorithms.base import GradientLearner
-from npbml.layout import run_channels_last
 from npbml.params import Params, functional_forward, strip_prefix
 
 __all__ = ["ANIL"]
@@ -51,15 +50,10 @@ class ANIL(GradientLearner):
         query_x: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if mode == "second":
-            return self._features(support_x)
+            return self.run_module(self.model, None, support_x, method="features")
         # First order / test time: the support features only feed constant inner gradients.
         with torch.no_grad():
-            return self._features(support_x)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            return run_channels_last(self.model, None, x, method="features")
-        return self.model.features(x)
+            return self.run_module(self.model, None, support_x, method="features")
 
     def inner_forward(self, inputs: torch.Tensor, params: Params) -> torch.Tensor:
         return functional_forward(self.model.head, strip_prefix(params, "head."), inputs)

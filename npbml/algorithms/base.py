@@ -165,9 +165,17 @@ class GradientLearner(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Functional forward of the model with ``params`` (missing entries: the model's own)."""
-        if not self.channels_last:
-            return functional_forward(self.model, params, x)
-        return run_channels_last(self.model, params, x)
+        return self.run_module(self.model, params, x)
+
+    def run_module(
+        self, module: nn.Module, params: Params | None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """:func:`~npbml.params.functional_forward` of ``module`` (a part of this learner), on
+        channels-last tensors when ``self.channels_last``
+        (:func:`npbml.layout.run_channels_last`). The one place where the forward passes of this
+        class and its subclasses pick the layout."""
+        run = run_channels_last if self.channels_last else functional_forward
+        return run(module, params, *args, **kwargs)
 
     def inner_inputs(
         self,

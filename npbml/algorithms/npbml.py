@@ -43,8 +43,7 @@ from torch import nn
 
 from npbml.algorithms.base import GradientLearner, Metrics
 from npbml.film import FiLMGenerator, block_channels, film_block_forward
-from npbml.layout import run_channels_last
-from npbml.params import Params, functional_forward, match_names
+from npbml.params import Params, match_names
 from npbml.task_loss import TERMS, TaskAdaptiveLoss
 from npbml.warp import WarpLayer
 from tasks.episode import Episode
@@ -438,23 +437,18 @@ class NPBML(GradientLearner):
 
     def forward(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Logits of ``x`` (raw inputs) at ``params`` (missing entries: the initialisation)."""
-        return self._call_network(self._with_head(params), x)
+        return self.run_module(self.network, self._with_head(params), x)
 
     def forward_from(self, h: torch.Tensor, params: Params | None, start: int) -> torch.Tensor:
         """Logits from the input ``h`` of block ``start`` (e.g. precomputed frozen features)."""
-        return self._call_network(self._with_head(params), h, start=start)
-
-    def _call_network(self, params: Params, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.channels_last:  # npbml.layout: NHWC execution, same values
-            return run_channels_last(self.network, params, *args, **kwargs)
-        return functional_forward(self.network, params, *args, **kwargs)
+        return self.run_module(self.network, self._with_head(params), h, start=start)
 
     @torch.no_grad()
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the frozen leading blocks (no graph); ``x`` itself if there are none."""
         if not self.frozen_prefix:
             return x
-        return self._call_network({}, x, 0, self.frozen_prefix, method="run_blocks")
+        return self.run_module(self.network, None, x, 0, self.frozen_prefix, method="run_blocks")
 
     @torch.no_grad()
     def relation_scores(

@@ -6,7 +6,8 @@ order, sequential and task-parallel (scripts/bench_step.py --against learn2learn
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_step.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported by module name, with scripts/ left on sys.path: the 2-process variant's spawned
+    # helper rank imports the script by that name too.
+    sys.path.insert(0, str(SCRIPT.parent))
+    yield importlib.import_module("bench_step")
+    sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.mark.parametrize("order", ["", "-fo"])
@@ -76,27 +78,20 @@ def test_channels_last_engine_equals_learn2learn_in_float64(bench, order):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_two_process_variant_all_reduces_learn2learn_meta_gradient():
+def test_two_process_variant_all_reduces_learn2learn_meta_gradient(bench):
     """engine-ddp-cl (a helper rank, gloo all-reduce of the two half meta-batches) gives
     learn2learn's meta-gradient on the whole meta-batch (float32, channels-last rounding)."""
-    import sys
-
-    # The spawned helper rank imports the script by module name, with this sys.path.
-    sys.path.insert(0, str(SCRIPT.parent))
-    import bench_step
-
     torch.set_num_threads(1)
     args = argparse.Namespace(
         ways=5, shots=1, queries=3, meta_batch=4, workers=2, steps=1, warmup=0, mem_steps=1
     )
-    batch = bench_step.make_batch(args, torch.device("cpu"))
-    ref = bench_step.L2LRunner("l2l@1t", args, batch).grads()
-    ours = bench_step.L2LRunner("engine-ddp-cl", args, batch)
+    batch = bench.make_batch(args, torch.device("cpu"))
+    ref = bench.L2LRunner("l2l@1t", args, batch).grads()
+    ours = bench.L2LRunner("engine-ddp-cl", args, batch)
     try:
         got = ours.grads()
     finally:
         helpers = ours.close()
-        sys.path.remove(str(SCRIPT.parent))
     scale = max(float(g.abs().max()) for g in ref)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * scale)
