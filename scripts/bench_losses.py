@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _memory import status_kib  # scripts/_memory.py
 from torch import nn
 
 from npbml.loss_learning import AdaLFL
@@ -77,14 +78,6 @@ def saved_bytes(name: str, batch: int, classes: int) -> int:
     return sum(seen.values())
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child_peak_rss(name: str, batch: int, classes: int) -> int:
     """In a fresh process: peak RSS increase (bytes) of one forward+backward (Linux).
 
@@ -94,9 +87,9 @@ def child_peak_rss(name: str, batch: int, classes: int) -> int:
     z, t = _inputs(batch, classes)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     LOSSES[name](z, t).backward()
-    return (_status_kib("VmHWM") - base) * 1024
+    return (status_kib("VmHWM") - base) * 1024
 
 
 def peak_rss(name: str, batch: int, classes: int) -> int:

@@ -19,10 +19,10 @@ machine hits every variant alike. Memory: each variant alone in a fresh child pr
 (``--mem-steps`` steps), which then checks that its meta-gradient equals the engine's at the same
 parameters (``max_abs_grad_diff``).
 
-Memory method: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set size of the
-process, KiB on Linux). ``idle_rss_mib`` is the peak right after imports (torch itself),
-``peak_rss_mib`` the process peak after its steps, and ``above_idle_mib`` their difference (what
-the variant's model, data and meta-training steps needed).
+Memory method: the process's own peak resident set size (``VmHWM``, :mod:`_memory`; not
+``ru_maxrss``, which after ``exec`` still includes the parent's size). ``idle_rss_mib`` is the peak
+right after imports (torch itself), ``peak_rss_mib`` the process peak after its steps, and
+``above_idle_mib`` their difference (what the variant's model, data and meta-training steps needed).
 tracemalloc cannot see torch's allocations, hence RSS. On CUDA devices the script also reports
 ``torch.cuda.max_memory_allocated``.
 
@@ -42,7 +42,13 @@ on a pipe between steps); ``l2l-cl`` is learn2learn with its conv weights stored
 (information: what the same trick does for learn2learn). Needs a Python with learn2learn (see
 ``scripts/install_learn2learn.sh``); from any other interpreter the script re-runs itself with
 ``--l2l-python`` (default: ``$NPBML_L2L_PYTHON``, ``.venv-l2l/bin/python`` or
-``~/.cache/npbml/venv-l2l/bin/python``). Writes ``docs/bench_l2l.json`` and, with
+``~/.cache/npbml/venv-l2l/bin/python``). Each timed step also records this process's minor page
+faults. ``--malloc tuned`` runs every child process, learn2learn's included, with glibc's
+``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` at 256 MiB, so freed activation memory is
+reused instead of returned to the kernel. ``default`` (the default) strips ``MALLOC_*`` from the
+children's environment. Two memory-only probes (``floor-forward``, ``floor-forward-backward``)
+measure, in fresh processes, the peak of work that any MAML implementation does for one task:
+the lower bound of the memory comparison. Writes ``docs/bench_l2l.json`` and, with
 ``--markdown``, its own section of ``docs/benchmarks.md``.
 
 Usage:
@@ -50,6 +56,7 @@ Usage:
     python scripts/bench_step.py --steps 10 --json     # JSON to stdout
     python scripts/bench_step.py --markdown docs/benchmarks.md   # also update the Markdown table
     python scripts/bench_step.py --against learn2learn --markdown docs/benchmarks.md
+    python scripts/bench_step.py --against learn2learn --malloc tuned --out FILE.json
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from _memory import peak_rss_kib  # noqa: E402  (scripts/_memory.py)
 
 from npbml.algorithms import MAML  # noqa: E402
 from npbml.distributed import all_reduce_gradients  # noqa: E402
@@ -197,14 +206,14 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     """One variant alone in this (fresh) process: peak RSS, then the gradient check."""
-    idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports, before work
+    idle_rss = peak_rss_kib()  # after imports, before work
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     runner = Runner(args.variant, args, make_batch(args, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [runner.step() for _ in range(args.mem_steps)]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_rss = peak_rss_kib()
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     out: dict[str, Any] = {
         "isolated_step_times_s": times,
@@ -306,8 +315,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             *rows,
             "",
             *(line for item in summary for line in (item, "")),
-            "Peak RSS = `ru_maxrss` (high-water resident memory) of the variant's own process "
-            "after its steps; peak above idle = that minus `ru_maxrss` right after "
+            "Peak RSS = `VmHWM` (high-water resident memory) of the variant's own process "
+            "after its steps; peak above idle = that minus `VmHWM` right after "
             "`import torch` etc., i.e. the memory the model, data and meta-training steps needed. "
             "`engine` keeps all 16 task graphs until `backward()` (the `outer_loss` interface); "
             "`engine-per-task` is `learner.meta_backward(batch)`; `naive-deepcopy` deep-copies "
@@ -369,6 +378,8 @@ def _l2l_python_candidates() -> list[str]:
 
 
 _THREADED = ("engine-parallel", "engine-parallel-cl", "maml-conv4", "npbml-conv4")
+FLOOR_PROBES = ("floor-forward", "floor-forward-backward")
+MALLOC_TUNED = {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "268435456"}
 
 
 def _parse_variant(name: str, workers: int) -> dict[str, Any]:
@@ -397,6 +408,7 @@ class L2LRunner:
 
         self.name, self.batch, self.tasks = name, batch, batch.unstack()
         self.spec = _parse_variant(name, args.workers)
+        self.faults: list[int] = []
         kind, fo = self.spec["kind"], self.spec["first_order"]
         torch.manual_seed(0)  # identical initial weights for every variant of one network
         if kind in ("maml-conv4", "npbml-conv4"):
@@ -455,10 +467,14 @@ class L2LRunner:
 
     def step(self) -> float:
         torch.set_num_threads(self.spec["threads"])
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         self.meta_gradient("step")  # DDP: the other ranks' Adam steps follow their all-reduce
         self.opt.step()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        # This process's minor page faults (all its threads; not the DDP helper's).
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        return elapsed
 
     def grads(self) -> list[torch.Tensor]:
         self.meta_gradient()
@@ -556,7 +572,7 @@ def _join_group(rank: int, procs: int, port: int) -> Any:
 def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: Any) -> None:
     import torch.distributed as dist
 
-    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    idle = peak_rss_kib()
     torch.set_num_threads(1)
     args = argparse.Namespace(**argd)
     ctx = _join_group(rank, procs, port)
@@ -567,7 +583,7 @@ def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: An
     while True:
         what, variant = pipe.recv()
         if what == "stop":
-            pipe.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - idle) / 1024)
+            pipe.send((peak_rss_kib() - idle) / 1024)
             dist.destroy_process_group()
             return
         if variant not in runners:
@@ -586,19 +602,23 @@ def run_l2l_timing(args: argparse.Namespace) -> dict[str, Any]:
     batch = make_batch(args, torch.device("cpu"))
     runners = {v: L2LRunner(v, args, batch) for v in args.variants}
     result = round_robin(runners, args)
-    for r in runners.values():
+    for v, r in runners.items():
         r.close()
+        timed = r.faults[args.warmup :]
+        result[v]["minor_faults_per_step_median"] = statistics.median(timed) if timed else None
     return result
 
 
 def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
     import learn2learn  # noqa: F401  (its import cost belongs to "idle", not to a variant)
 
-    idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    idle_rss = peak_rss_kib()
     batch = make_batch(args, torch.device("cpu"))
+    if args.variant in FLOOR_PROBES:
+        return _floor_probe(args.variant, args, batch, idle_rss)
     runner = L2LRunner(args.variant, args, batch)
     times = [runner.step() for _ in range(args.mem_steps)]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_rss = peak_rss_kib()
     out: dict[str, Any] = {
         "isolated_step_times_s": times,
         "idle_rss_mib": idle_rss / 1024,
@@ -625,13 +645,52 @@ def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _floor_probe(
+    probe: str, args: argparse.Namespace, batch: Episode, idle_rss: int
+) -> dict[str, Any]:
+    """Peak RSS above idle of work that *any* MAML implementation does for one task on the same
+    ``OmniglotCNN`` at one thread: its query forward without a graph (``floor-forward``), or one
+    plain cross-entropy forward+backward of the query set (``floor-forward-backward``, no inner
+    loop). A meta-step cannot need less than the latter, which bounds the memory ratio any
+    implementation can reach against learn2learn on this runtime."""
+    from learn2learn.vision.models import OmniglotCNN
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = OmniglotCNN(output_size=args.ways)
+    task = batch.unstack()[0]
+    for _ in range(args.mem_steps):
+        if probe == "floor-forward":
+            with torch.no_grad():
+                model(task.query_x)
+        else:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(task.query_x), task.query_y).backward()
+    peak_rss = peak_rss_kib()
+    return {
+        "idle_rss_mib": idle_rss / 1024,
+        "peak_rss_mib": peak_rss / 1024,
+        "above_idle_mib": (peak_rss - idle_rss) / 1024,
+    }
+
+
+def _malloc_env(mode: str) -> dict[str, str]:
+    """The child processes' environment: ``default`` removes glibc's ``MALLOC_*`` tunables
+    (whatever this shell set), ``tuned`` sets :data:`MALLOC_TUNED` (no trimming, no mmap for
+    blocks up to 256 MiB: freed activation memory is reused instead of returned to the kernel
+    and faulted in again)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return env | (MALLOC_TUNED if mode == "tuned" else {})
+
+
 def _l2l_child(args: argparse.Namespace, python: str, mode: list[str]) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--against", "learn2learn", *mode]
     for flag in ("steps", "warmup", "mem_steps", "meta_batch", "ways", "shots", "queries",
                  "workers"):  # fmt: skip
         cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     cmd += ["--variants", *args.variants]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _malloc_env(args.malloc)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -661,9 +720,9 @@ def l2l_markdown(result: dict[str, Any]) -> str:
     by = {r["variant"]: r for r in result["variants"]}
     rows = [
         "| variant | order | layout | intra-op threads x task workers x processes "
-        "| median step (s) | min step (s) | peak RSS above idle (MiB) "
-        "| max abs grad diff vs learn2learn (of max abs grad) |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| median step (s) | min step (s) | minor page faults per step "
+        "| peak RSS above idle (MiB) | max abs grad diff vs learn2learn (of max abs grad) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["variants"]:
         sp = _parse_variant(r["variant"], s["workers"])
@@ -673,7 +732,8 @@ def l2l_markdown(result: dict[str, Any]) -> str:
             f"| {r['variant']} | {'first' if sp['first_order'] else 'second'} | "
             f"{'NHWC' if sp['channels_last'] else 'NCHW'} | "
             f"{sp['threads']} x {sp['workers']} x {sp['procs']} | {r['step_s_median']:.3f} | "
-            f"{r['step_s_min']:.3f} | {r['above_idle_mib']:.0f} | {diff_text} |"
+            f"{r['step_s_min']:.3f} | {_faults_text(r)} | {r['above_idle_mib']:.0f} | "
+            f"{diff_text} |"
         )
     lines = []
 
@@ -720,6 +780,19 @@ def l2l_markdown(result: dict[str, Any]) -> str:
                 f"{l2l_mem['above_idle_mib']:.0f} MiB "
                 f"({low['above_idle_mib'] / l2l_mem['above_idle_mib']:.2f}x)."
             )
+    floor = result.get("floor")
+    l2l_low = [r for v, r in by.items() if v.startswith("l2l@")]
+    if floor and l2l_low:
+        low = min(l2l_low, key=lambda r: r["above_idle_mib"])
+        fwd, fb = floor["floor-forward"], floor["floor-forward-backward"]
+        lines.append(
+            f"- memory floor (`OmniglotCNN`, one task, fresh process, same idle): the query "
+            f"forward without a graph {fwd['above_idle_mib']:.0f} MiB, one plain cross-entropy "
+            f"forward+backward of the query set {fb['above_idle_mib']:.0f} MiB = "
+            f"{fb['above_idle_mib'] / low['above_idle_mib']:.2f}x learn2learn's lowest "
+            f"second-order peak ({low['variant']}, {low['above_idle_mib']:.0f} MiB); a MAML "
+            "meta-step does that and more, whatever the library."
+        )
     if "maml-conv4" in by and "npbml-conv4" in by:
         a, b = by["maml-conv4"], by["npbml-conv4"]
         lines.append(
@@ -746,12 +819,14 @@ def l2l_markdown(result: dict[str, Any]) -> str:
             "(information). Timing: "
             f"{s['steps']} steps per variant after {s['warmup']} warm-up, all variants in one "
             "process, interleaved round-robin; memory: each variant alone in a fresh process "
-            f"({s['mem_steps']} steps; `ru_maxrss` above the process's RSS after imports).",
+            f"({s['mem_steps']} steps; `VmHWM`, the process's own peak RSS, above its peak "
+            "after imports).",
             "",
             f"Command: `{result['command']}`",
             "",
             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, learn2learn "
-            f"{result.get('learn2learn', '?')}; load average at start {load}.",
+            f"{result.get('learn2learn', '?')}; load average at start {load}. "
+            f"Allocator: {_malloc_text(s)}.",
             "",
             *rows,
             "",
@@ -763,6 +838,22 @@ def l2l_markdown(result: dict[str, Any]) -> str:
             "Conv4-64 strided, the counterpart of `OmniglotCNN`.",
             L2L_MD_END,
         ]
+    )
+
+
+def _faults_text(r: dict[str, Any]) -> str:
+    faults = r.get("minor_faults_per_step_median")
+    return "-" if faults is None else f"{faults:.0f}"
+
+
+def _malloc_text(setting: dict[str, Any]) -> str:
+    env = setting.get("malloc_env") or {}
+    if not env:
+        return "glibc defaults in every process (`MALLOC_*` unset)"
+    return (
+        "tuned in every process, learn2learn's included ("
+        + ", ".join(f"`{k}={v}`" for k, v in env.items())
+        + ")"
     )
 
 
@@ -803,7 +894,13 @@ def main_against_l2l(args: argparse.Namespace, argv: list[str] | None) -> int:
             k: getattr(args, k)
             for k in ("ways", "shots", "queries", "meta_batch", "steps", "warmup", "mem_steps")
         }
-        | {"workers": args.workers, "model": "learn2learn OmniglotCNN", "inner_steps": 1},
+        | {
+            "workers": args.workers,
+            "model": "learn2learn OmniglotCNN",
+            "inner_steps": 1,
+            "malloc": args.malloc,
+            "malloc_env": MALLOC_TUNED if args.malloc == "tuned" else {},
+        },
         "machine": machine_info(args),
         "variants": [],
     }
@@ -817,6 +914,9 @@ def main_against_l2l(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"{r['above_idle_mib']:.0f} MiB  grad diff {r.get('max_abs_grad_diff_vs_l2l', '-')}",
             file=sys.stderr,
         )
+    result["floor"] = {
+        probe: _l2l_child(args, python, ["--variant", probe]) for probe in FLOOR_PROBES
+    }
     print(json.dumps(result))
     out = Path(args.out if args.out_given else REPO / "docs" / "bench_l2l.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -840,6 +940,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", choices=["learn2learn"], default=None)
     p.add_argument("--l2l-python", default=None, help="interpreter with learn2learn")
     p.add_argument("--workers", type=int, default=2, help="task threads of engine-parallel")
+    p.add_argument(
+        "--malloc",
+        choices=["default", "tuned"],
+        default="default",
+        help="glibc allocator settings of the --against learn2learn child processes "
+        "(tuned: MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ 256 MiB, for every variant)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout")
     p.add_argument("--out", default=None, help="result JSON (default docs/bench_step.json)")
     p.add_argument("--markdown", default=None, help="update this Markdown file's section")

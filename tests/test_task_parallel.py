@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 
 from npbml.algorithms import MAML, MetaSGD
 from npbml.algorithms.npbml import NPBML
-from npbml.algorithms.task_parallel import parallel_task_gradients, replicate
+from npbml.algorithms.task_parallel import parallel_map, parallel_task_gradients, replicate
 from npbml.models import Conv4
 from npbml.params import functional_forward
 from npbml.relation import RelationNetwork
@@ -213,3 +215,24 @@ def test_parallel_evaluate_gives_the_same_accuracies():
         assert evaluate(learner, sampler, 11, workers=workers) == one
     with pytest.raises(ValueError, match="workers"):
         evaluate(learner, sampler, 2, workers=0)
+
+
+def test_a_stalled_worker_does_not_hold_back_the_other():
+    """Items are claimed one at a time: while one worker is stuck on item 0, the other takes
+    every remaining item (a fixed split would leave items 2 and 4 waiting for the stuck one)."""
+    items = list(range(6))
+    last_done = threading.Event()
+    ran_on: dict[int, str] = {}
+
+    def fn(_replica, i):
+        ran_on[i] = threading.current_thread().name
+        if i == 0:
+            last_done.wait(timeout=10)
+        if i == len(items) - 1:
+            last_done.set()
+        return i * i
+
+    out = parallel_map(nn.Linear(2, 2), items, fn, workers=2)
+    assert out == [i * i for i in items]
+    assert last_done.is_set()
+    assert all(ran_on[i] != ran_on[0] for i in items[1:])

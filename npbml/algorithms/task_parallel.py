@@ -24,6 +24,7 @@ worker thread takes the global generator's numbers in thread-timing order.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,16 +79,26 @@ def parallel_map(
 ) -> list[Any]:
     """``[fn(replica, item) for item in items]`` on ``workers`` threads, in item order.
 
-    Worker ``w`` takes items ``w, w + workers, ...`` on its own replica of ``learner``
-    (:func:`replicate`), rebuilt on every call so that it sees the learner's current plain
-    attributes (e.g. ``first_order`` switched between calls).
+    Each worker runs on its own replica of ``learner`` (:func:`replicate`, rebuilt on every
+    call so that it sees the learner's current plain attributes, e.g. ``first_order`` switched
+    between calls) and takes the next unclaimed item whenever it finishes one, so a worker that
+    the OS slows down does not leave the other idle at the end of the meta-batch. Results are
+    returned in item order whichever worker computed them.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     replicas = [replicate(learner) for _ in range(min(workers, len(items)))]
+    claim = itertools.count()  # each item index is claimed by exactly one worker
+    lock = threading.Lock()
 
     def run(w: int) -> list[tuple[int, Any]]:
-        return [(i, fn(replicas[w], items[i])) for i in range(w, len(items), len(replicas))]
+        done = []
+        while True:
+            with lock:
+                i = next(claim)
+            if i >= len(items):
+                return done
+            done.append((i, fn(replicas[w], items[i])))
 
     pool = _executor(workers)
     results: dict[int, Any] = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -96,3 +97,32 @@ def test_two_process_variant_all_reduces_learn2learn_meta_gradient(bench):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * scale)
     assert len(helpers["helper_above_idle_mib"]) == 1
+
+
+def test_malloc_setting_reaches_every_child_and_defaults_strip_the_shell(bench, monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
+    default = bench._malloc_env("default")
+    assert not any(k.startswith("MALLOC_") for k in default)
+    tuned = bench._malloc_env("tuned")
+    assert {k: tuned[k] for k in bench.MALLOC_TUNED} == bench.MALLOC_TUNED
+    assert "MALLOC_ARENA_MAX" not in tuned
+
+
+def test_tiny_comparison_reports_faults_floor_and_allocator(bench, tmp_path):
+    """End to end through the child processes: a tuned-allocator run writes the allocator
+    setting, page faults per step and the memory floor into its JSON and Markdown."""
+    out, md = tmp_path / "r.json", tmp_path / "b.md"
+    argv = ["--against", "learn2learn", "--malloc", "tuned", "--steps", "1", "--warmup", "1",
+            "--mem-steps", "1", "--meta-batch", "2", "--queries", "3",
+            "--variants", "l2l@1t", "engine-cl@1t"]  # fmt: skip
+    assert bench.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
+
+    result = json.loads(out.read_text())
+    assert result["setting"]["malloc_env"] == bench.MALLOC_TUNED
+    for r in result["variants"]:
+        assert r["minor_faults_per_step_median"] >= 0
+    fwd, fb = (result["floor"][p]["above_idle_mib"] for p in bench.FLOOR_PROBES)
+    # A backward needs the forward's activations and more: the probes measure real work.
+    assert 0 < fwd < fb
+    text = md.read_text()
+    assert "MALLOC_TRIM_THRESHOLD_=268435456" in text and "memory floor" in text
