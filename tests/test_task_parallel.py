@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -236,3 +237,23 @@ def test_a_stalled_worker_does_not_hold_back_the_other():
     assert out == [i * i for i in items]
     assert last_done.is_set()
     assert all(ran_on[i] != ran_on[0] for i in items[1:])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_workers_use_the_callers_intra_op_threads():
+    """Workers run BLAS/oneDNN with the caller's thread count. A fresh thread's first matmul
+    otherwise starts an OpenMP team of all cores: extra threads that oversubscribe the CPU."""
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workers = 5  # a pool size no other test uses, so its threads are new here
+        a, b = torch.randn(300, 576), torch.randn(576, 64)
+        before = len(os.listdir("/proc/self/task"))
+        out = parallel_map(
+            nn.Linear(2, 2), list(range(workers)), lambda _r, i: float((a @ b)[0, i]), workers
+        )
+        after = len(os.listdir("/proc/self/task"))
+    finally:
+        torch.set_num_threads(before_threads)
+    assert out == [float((a @ b)[0, i]) for i in range(workers)]
+    assert after - before <= workers  # the pool's own threads and nothing else

@@ -79,19 +79,27 @@ def parallel_map(
 ) -> list[Any]:
     """``[fn(replica, item) for item in items]`` on ``workers`` threads, in item order.
 
-    Each worker runs on its own replica of ``learner`` (:func:`replicate`, rebuilt on every
-    call so that it sees the learner's current plain attributes, e.g. ``first_order`` switched
-    between calls) and takes the next unclaimed item whenever it finishes one, so a worker that
-    the OS slows down does not leave the other idle at the end of the meta-batch. Results are
-    returned in item order whichever worker computed them.
+    Every worker uses the caller's intra-op thread count (``torch.get_num_threads()``; set it to
+    1 for ``workers`` = number of cores). Each worker runs on its own replica of ``learner``
+    (:func:`replicate`, rebuilt on every call so that it sees the learner's current plain
+    attributes, e.g. ``first_order`` switched between calls) and takes the next unclaimed item
+    whenever it finishes one, so a worker that the OS slows down does not leave the other idle
+    at the end of the meta-batch. Results are returned in item order whichever worker computed
+    them.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     replicas = [replicate(learner) for _ in range(min(workers, len(items)))]
     claim = itertools.count()  # each item index is claimed by exactly one worker
     lock = threading.Lock()
+    threads = torch.get_num_threads()
 
     def run(w: int) -> list[tuple[int, Any]]:
+        # Otherwise a new thread's first BLAS/oneDNN call starts an OpenMP team of all cores
+        # (torch sets the thread count lazily, after it): 2 workers x 2 threads on 2 cores, and
+        # the teams stay. Measured here, multi-threaded ops on the caller's thread then ran ~40%
+        # slower too (learn2learn at 2 threads: 0.95 -> 1.33 s per meta-step).
+        torch.set_num_threads(threads)
         done = []
         while True:
             with lock:
