@@ -570,6 +570,7 @@ def _join_group(rank: int, procs: int, port: int) -> Any:
 
 
 def _ddp_helper(rank: int, procs: int, port: int, argd: dict[str, Any], pipe: Any) -> None:
+    import learn2learn  # noqa: F401  (as in run_l2l_memory: its import belongs to "idle")
     import torch.distributed as dist
 
     idle = peak_rss_kib()
