@@ -182,6 +182,16 @@ def _timing_stats(times: list[float]) -> dict[str, Any]:
     }
 
 
+def _rss_since(idle_kib: int) -> dict[str, float]:
+    """This process's peak RSS now, and above ``idle_kib`` (its peak after imports), in MiB."""
+    peak = peak_rss_kib()
+    return {
+        "idle_rss_mib": idle_kib / 1024,
+        "peak_rss_mib": peak / 1024,
+        "above_idle_mib": (peak - idle_kib) / 1024,
+    }
+
+
 def round_robin(runners: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``args.steps`` steps of every runner interleaved round-robin (rotating the
     order each round), so that load from other jobs on a shared machine hits every variant
@@ -213,13 +223,11 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [runner.step() for _ in range(args.mem_steps)]
-    peak_rss = peak_rss_kib()
+    rss = _rss_since(idle_rss)
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     out: dict[str, Any] = {
         "isolated_step_times_s": times,
-        "idle_rss_mib": idle_rss / 1024,
-        "peak_rss_mib": peak_rss / 1024,
-        "above_idle_mib": (peak_rss - idle_rss) / 1024,
+        **rss,
         # After the peak was read, so the check's own memory does not count.
         "max_abs_grad_diff": runner.grad_diff_vs_engine(),
     }
@@ -619,13 +627,7 @@ def run_l2l_memory(args: argparse.Namespace) -> dict[str, Any]:
         return _floor_probe(args.variant, args, batch, idle_rss)
     runner = L2LRunner(args.variant, args, batch)
     times = [runner.step() for _ in range(args.mem_steps)]
-    peak_rss = peak_rss_kib()
-    out: dict[str, Any] = {
-        "isolated_step_times_s": times,
-        "idle_rss_mib": idle_rss / 1024,
-        "peak_rss_mib": peak_rss / 1024,
-        "above_idle_mib": (peak_rss - idle_rss) / 1024,
-    }
+    out: dict[str, Any] = {"isolated_step_times_s": times, **_rss_since(idle_rss)}
     spec = runner.spec
     if spec["kind"].startswith("engine"):
         # Same weights (this runner's, after its steps), same episodes: the meta-gradient must
@@ -667,12 +669,7 @@ def _floor_probe(
         else:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(task.query_x), task.query_y).backward()
-    peak_rss = peak_rss_kib()
-    return {
-        "idle_rss_mib": idle_rss / 1024,
-        "peak_rss_mib": peak_rss / 1024,
-        "above_idle_mib": (peak_rss - idle_rss) / 1024,
-    }
+    return _rss_since(idle_rss)
 
 
 def _malloc_env(mode: str) -> dict[str, str]:
@@ -738,9 +735,10 @@ def l2l_markdown(result: dict[str, Any]) -> str:
         )
     lines = []
 
-    def best(prefix: str) -> dict[str, Any] | None:
+    def best(prefix: str, key: str = "step_s_median") -> dict[str, Any] | None:
+        """The ``prefix@Nt`` variant with the lowest ``key`` (fastest, or leanest)."""
         cands = [r for v, r in by.items() if v.startswith(prefix + "@")]
-        return min(cands, key=lambda r: r["step_s_median"]) if cands else None
+        return min(cands, key=lambda r: r[key]) if cands else None
 
     for order, suffix in (("second", ""), ("first", "-fo")):
         ref = best("l2l" + suffix)
@@ -764,10 +762,8 @@ def l2l_markdown(result: dict[str, Any]) -> str:
                 f"idle {r['above_idle_mib']:.0f} vs {ref['above_idle_mib']:.0f} MiB "
                 f"({r['above_idle_mib'] / ref['above_idle_mib']:.2f}x)."
             )
-        l2l_mem = min(
-            (r for v, r in by.items() if v.startswith("l2l" + suffix + "@")),
-            key=lambda r: r["above_idle_mib"],
-        )
+        l2l_mem = best("l2l" + suffix, "above_idle_mib")
+        assert l2l_mem is not None  # ref exists
         lean = [
             r
             for v, r in by.items()
@@ -782,9 +778,8 @@ def l2l_markdown(result: dict[str, Any]) -> str:
                 f"({low['above_idle_mib'] / l2l_mem['above_idle_mib']:.2f}x)."
             )
     floor = result.get("floor")
-    l2l_low = [r for v, r in by.items() if v.startswith("l2l@")]
-    if floor and l2l_low:
-        low = min(l2l_low, key=lambda r: r["above_idle_mib"])
+    low = best("l2l", "above_idle_mib")
+    if floor and low:
         fwd, fb = floor["floor-forward"], floor["floor-forward-backward"]
         lines.append(
             f"- memory floor (`OmniglotCNN`, one task, fresh process, same idle): the query "
