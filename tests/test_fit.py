@@ -288,3 +288,13 @@ def test_shipped_fit_configs_load():
     for path in paths:
         cfg = fit_config_from_dict(read_yaml(path))
         assert cfg.data.kind == "omniglot" and cfg.loss.name == "ce", path.name
+
+
+@pytest.mark.parametrize("name", sorted(__import__("reference_runs").FIT_LOSSES))
+def test_fit_matches_the_recorded_run_of_the_previous_code(tmp_path, name):
+    # Recorded from fit() before the updater/run-directory refactor: every loss kind and update
+    # rule (plain optimizer, AdaLFL with each meta batch, ML3 offline) must give the same numbers.
+    from reference_runs import REFERENCE, fit_outputs
+
+    recorded = json.loads(REFERENCE.read_text())["fit"][name]
+    assert json.loads(json.dumps(fit_outputs(tmp_path, name))) == recorded

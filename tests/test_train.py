@@ -322,3 +322,14 @@ def test_task_workers_train_bit_identical_to_per_task_backward(tmp_path):
     assert seq.best_val_accuracy == par.best_val_accuracy
     with pytest.raises(ConfigError, match="task_workers"):
         tiny_config(task_workers=0)
+
+
+def test_train_matches_the_recorded_run_of_the_previous_code(tmp_path):
+    # Recorded from train() before the training-loop refactor (cosine schedule, log lines every
+    # 2 steps, a final partial interval): the same metric lines and final parameters.
+    import json
+
+    from reference_runs import REFERENCE, train_outputs
+
+    recorded = json.loads(REFERENCE.read_text())["train"]
+    assert json.loads(json.dumps(train_outputs(tmp_path))) == recorded
