@@ -42,6 +42,15 @@ class ClassDataset(abc.ABC):
         """A human-readable name of class ``c`` (defaults to its index)."""
         return str(c)
 
+    def class_alphabets(self) -> list[str] | None:
+        """The alphabet (superclass) of every class, or None when the dataset has no such grouping.
+
+        Omniglot (Lake et al., Science 2015) groups its characters by alphabet; samplers use this
+        for within-alphabet episodes (:class:`~tasks.sampler.TaskSampler`'s ``within_alphabet``).
+        Wrappers (subsets, concatenations, rotation classes) pass it through.
+        """
+        return None
+
     def class_sizes(self) -> np.ndarray:
         """Number of images of every class, as an int64 array (computed once, then cached)."""
         cached = getattr(self, "_class_sizes_cache", None)
@@ -161,6 +170,10 @@ class SubsetClasses(ClassDataset):
     def class_name(self, c: int) -> str:
         return self.dataset.class_name(int(self.classes[c]))
 
+    def class_alphabets(self) -> list[str] | None:
+        parent = self.dataset.class_alphabets()
+        return None if parent is None else [parent[int(c)] for c in self.classes]
+
 
 class ConcatClasses(ClassDataset):
     """The classes of several ClassDatasets side by side (class ids offset in order)."""
@@ -191,6 +204,13 @@ class ConcatClasses(ClassDataset):
     def class_name(self, c: int) -> str:
         d, j = self._locate(c)
         return d.class_name(j)
+
+    def class_alphabets(self) -> list[str] | None:
+        # All or nothing: a part without alphabets would leave classes that no alphabet holds.
+        parts = [d.class_alphabets() for d in self.datasets]
+        if any(p is None for p in parts):
+            return None
+        return [a for p in parts for a in p]  # type: ignore[union-attr]
 
 
 class RotatedClasses(ClassDataset):
@@ -224,6 +244,11 @@ class RotatedClasses(ClassDataset):
     def class_name(self, c: int) -> str:
         base, r = divmod(c, len(self.angles))
         return f"{self.dataset.class_name(base)}@rot{self.angles[r]}"
+
+    def class_alphabets(self) -> list[str] | None:
+        # A rotated copy of a character is still a character of the same alphabet.
+        base = self.dataset.class_alphabets()
+        return None if base is None else [a for a in base for _ in self.angles]
 
 
 def check_episode_spec(dataset: ClassDataset, ways: int, shots: int, queries: int) -> np.ndarray:

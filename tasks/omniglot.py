@@ -321,6 +321,10 @@ class Omniglot(TensorClassDataset):
         self._check_class(c)
         return self.alphabets[int(self.class_alphabet[c])]
 
+    def class_alphabets(self) -> list[str]:
+        """Alphabet name of every class (for within-alphabet episodes)."""
+        return [self.alphabets[int(a)] for a in self.class_alphabet]
+
     def class_digest(self, c: int) -> str:
         """sha1 of class ``c``'s decoded pixels: equal digests mean the same set of drawings."""
         if c not in self._digests:

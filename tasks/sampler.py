@@ -10,6 +10,7 @@ import torch
 
 from tasks.dataset import ClassDataset, ImageTransform, check_episode_spec
 from tasks.episode import Episode
+from tasks.errors import EpisodeSpecError
 
 
 @runtime_checkable
@@ -89,6 +90,13 @@ class TaskSampler(IndexedEpisodes):
 
     Within an episode, labels ``0..N-1`` are assigned in a random class order; support and query
     are grouped by label (``K`` support images of label 0, then label 1, ...).
+
+    ``within_alphabet=True`` draws the N classes of every episode from ONE alphabet (Lake et al.,
+    Science 2015, whose 20 one-shot runs each use one alphabet; METHODS.md section 2): the
+    alphabet uniformly among those with at least N eligible classes (smaller ones are skipped),
+    then N of its classes uniformly. It needs a dataset that knows its alphabets
+    (:meth:`~tasks.dataset.ClassDataset.class_alphabets`, e.g. Omniglot); Omniglot's rotation
+    classes keep their character's alphabet.
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class TaskSampler(IndexedEpisodes):
         queries: int,
         seed: int = 0,
         transform: ImageTransform | None = None,
+        within_alphabet: bool = False,
     ) -> None:
         self.dataset = dataset
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
@@ -106,12 +115,20 @@ class TaskSampler(IndexedEpisodes):
         self.transform = transform
         # Indexed once: per-episode cost is independent of the number of classes and images.
         self._eligible = check_episode_spec(dataset, self.ways, self.shots, self.queries)
+        self.within_alphabet = bool(within_alphabet)
+        self._alphabets: list[tuple[str, np.ndarray]] = (
+            alphabet_pools(dataset, self._eligible, self.ways) if self.within_alphabet else []
+        )
         self._sizes = dataset.class_sizes()
         self.index = 0
 
     def episode(self, index: int) -> Episode:
         rng = self.rng(index)
-        classes = rng.choice(self._eligible, size=self.ways, replace=False)
+        pool = self._eligible
+        if self.within_alphabet:
+            # Same stream discipline as the plain draw: everything comes from rng(seed, index).
+            pool = self._alphabets[int(rng.integers(len(self._alphabets)))][1]
+        classes = rng.choice(pool, size=self.ways, replace=False)
         per_class = self.shots + self.queries
         sx, qx = [], []
         for c in classes:
@@ -130,8 +147,56 @@ class TaskSampler(IndexedEpisodes):
             classes=torch.as_tensor(classes, dtype=torch.int64),
         )
 
+    @property
+    def alphabets(self) -> list[str]:
+        """Names of the alphabets episodes are drawn from (``within_alphabet`` only; else [])."""
+        return [name for name, _ in self._alphabets]
+
     def __repr__(self) -> str:
+        within = ", within one alphabet" if self.within_alphabet else ""
         return (
             f"{type(self).__name__}({self.ways}-way {self.shots}-shot, {self.queries} queries, "
-            f"{self.dataset.num_classes} classes, seed={self.seed})"
+            f"{self.dataset.num_classes} classes{within}, seed={self.seed})"
         )
+
+
+def alphabet_pools(
+    dataset: ClassDataset, eligible: np.ndarray, ways: int
+) -> list[tuple[str, np.ndarray]]:
+    """``(alphabet, eligible classes)`` of every alphabet with at least ``ways`` eligible classes.
+
+    For within-alphabet episodes (Lake et al. 2015). Alphabets are sorted by name so the pools,
+    and hence the episodes of a seed, do not depend on class order in memory.
+
+    Args:
+        dataset: a dataset whose :meth:`~tasks.dataset.ClassDataset.class_alphabets` is not None.
+        eligible: the classes with enough images (:func:`~tasks.dataset.check_episode_spec`).
+        ways: N, the classes one episode needs.
+
+    Returns:
+        A non-empty list of ``(name, int64 class ids)``.
+
+    Raises:
+        EpisodeSpecError: the dataset has no alphabets, or no alphabet has ``ways`` classes.
+    """
+    names = dataset.class_alphabets()
+    if names is None:
+        raise EpisodeSpecError(
+            f"within_alphabet needs a dataset that knows the alphabet of each class (e.g. "
+            f"Omniglot); {type(dataset).__name__} does not; set within_alphabet=False"
+        )
+    by_alpha: dict[str, list[int]] = {}
+    for c in eligible:
+        by_alpha.setdefault(names[int(c)], []).append(int(c))
+    pools = [
+        (a, np.asarray(cs, dtype=np.int64)) for a, cs in sorted(by_alpha.items()) if len(cs) >= ways
+    ]
+    if not pools:
+        largest, members = max(by_alpha.items(), key=lambda kv: len(kv[1]))
+        raise EpisodeSpecError(
+            f"within-alphabet {ways}-way episodes need an alphabet with {ways} classes, but the "
+            f"largest, {largest}, has {len(members)} (with enough images); lower ways to "
+            f"{len(members)} or less, use a split with larger alphabets, or set "
+            "within_alphabet=False"
+        )
+    return pools

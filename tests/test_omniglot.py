@@ -362,3 +362,116 @@ def test_full_split_partitions_all_characters(fake_full: Path) -> None:
     assert plain["train"].num_classes == 8
     with pytest.raises(ValueError, match="num_train"):
         omniglot_splits(fake_full)  # 1100 + 100 characters needed, 14 present
+
+
+# --- within-alphabet episodes (Lake et al. 2015) ------------------------------------------------
+
+
+def _alphabet_of(sampler: TaskSampler, c: int) -> str:
+    # Read from the class *name* ("Alphabet/characterNN[@rotR]"), independently of
+    # class_alphabets(), which the sampler itself uses.
+    return sampler.dataset.class_name(int(c)).split("/")[0]
+
+
+def test_within_alphabet_test_episodes_on_real_minimal(omniglot_root: Path, minimal: dict) -> None:
+    # 20-way within-alphabet test episodes: of the small2 test alphabets, Japanese (47 characters)
+    # and Sanskrit (42) have 20 characters, Tagalog (17) has not and is skipped.
+    ts = tasks.get_tasksets(
+        "omniglot-minimal", str(omniglot_root), ways=20, queries=1, within_alphabet="test"
+    )
+    test = ts.test
+    assert test.alphabets == ["Japanese_(katakana)", "Sanskrit"]
+    assert not ts.train.within_alphabet and not ts.validation.within_alphabet
+    seen = []
+    for i in range(40):
+        ep = test.sample(i)
+        alphas = {_alphabet_of(test, c) for c in ep.classes}
+        assert len(alphas) == 1 and len(set(ep.classes.tolist())) == 20
+        seen.append(alphas.pop())
+    assert set(seen) == {"Japanese_(katakana)", "Sanskrit"}
+    # A pure function of (seed, index): the same episode from a fresh sampler, out of order.
+    again = tasks.get_tasksets(
+        "omniglot-minimal", str(omniglot_root), ways=20, queries=1, within_alphabet="test"
+    ).test
+    for i in (17, 3, 0):
+        a, b = test.sample(i), again.sample(i)
+        assert torch.equal(a.classes, b.classes) and torch.equal(a.query_x, b.query_x)
+    # The plain (cross-alphabet) 20-way test episodes mix alphabets.
+    plain = tasks.get_tasksets("omniglot-minimal", str(omniglot_root), ways=20, queries=1).test
+    assert len({_alphabet_of(plain, c) for c in plain.sample(0).classes}) > 1
+
+
+def test_within_alphabet_keeps_rotations_in_their_alphabet(minimal: dict) -> None:
+    # Meta-train has x4 rotation classes; a rotated character stays in its alphabet.
+    train = minimal["train"]
+    sampler = TaskSampler(train, ways=5, shots=1, queries=1, seed=3, within_alphabet=True)
+    assert sampler.alphabets == ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"]
+    rotated = 0
+    for i in range(30):
+        ep = sampler.sample(i)
+        assert len({_alphabet_of(sampler, c) for c in ep.classes}) == 1
+        rotated += sum("@rot0" not in train.class_name(int(c)) for c in ep.classes)
+    assert rotated > 0  # rotation classes do take part
+
+
+def test_within_alphabet_skips_small_alphabets_and_draws_alphabets_uniformly(
+    tmp_path: Path,
+) -> None:
+    _write_split(tmp_path / "images_background_small1", {"Aa": 3, "Bb": 9, "Cc": 2})
+    data = Omniglot(tmp_path, "background_small1")
+    sampler = TaskSampler(data, ways=3, shots=1, queries=1, seed=0, within_alphabet=True)
+    assert sampler.alphabets == ["Aa", "Bb"]
+    counts = {"Aa": 0, "Bb": 0}
+    for i in range(400):
+        alphas = {_alphabet_of(sampler, c) for c in sampler.sample(i).classes}
+        assert len(alphas) == 1
+        counts[alphas.pop()] += 1
+    # Alphabets are equally likely (not weighted by their 3 vs 9 characters): 200 +- 3 sd.
+    assert 170 <= counts["Aa"] <= 230
+    # Another seed gives other episodes; the same seed the same ones.
+    other = TaskSampler(data, ways=3, shots=1, queries=1, seed=1, within_alphabet=True)
+    same = TaskSampler(data, ways=3, shots=1, queries=1, seed=0, within_alphabet=True)
+    firsts = [sampler.sample(i).classes.tolist() for i in range(10)]
+    assert firsts == [same.sample(i).classes.tolist() for i in range(10)]
+    assert firsts != [other.sample(i).classes.tolist() for i in range(10)]
+
+
+def test_within_alphabet_errors_name_the_largest_alphabet_and_the_fix(
+    omniglot_root: Path, minimal: dict
+) -> None:
+    with pytest.raises(EpisodeSpecError) as e:
+        tasks.get_tasksets(
+            "omniglot-minimal", str(omniglot_root), ways=20, queries=1, within_alphabet=True
+        )
+    msg = str(e.value)
+    # 27 validation characters over 5 alphabets: the largest is Korean with 8.
+    assert "validation split" in msg and "Korean, has 8" in msg and "lower ways to 8" in msg
+    assert 'within_alphabet="test"' in msg and "within_alphabet=False" in msg
+    # A dataset without alphabets.
+    plain = tasks.TensorClassDataset.from_labels(torch.zeros(12, 1, 2, 2), np.arange(12) % 4)
+    with pytest.raises(EpisodeSpecError, match="alphabet of each class"):
+        TaskSampler(plain, ways=2, shots=1, queries=1, within_alphabet=True)
+    with pytest.raises(ValueError, match="unknown split 'tests'"):
+        tasks.get_tasksets("omniglot-minimal", str(omniglot_root), within_alphabet=["tests"])
+
+
+def test_within_alphabet_on_the_full_split_layout(fake_full: Path) -> None:
+    # omniglot_splits pools background and evaluation (ConcatClasses) and rotates meta-train.
+    s = omniglot_splits(fake_full, num_train=8, num_validation=2)
+    names = s["train"].class_alphabets()
+    assert names is not None and len(names) == s["train"].num_classes == 32
+    assert names == [s["train"].class_name(c).split("/")[0] for c in range(32)]
+    sampler = TaskSampler(s["train"], ways=4, shots=1, queries=1, within_alphabet=True)
+    for i in range(20):
+        assert len({_alphabet_of(sampler, c) for c in sampler.sample(i).classes}) == 1
+
+
+def test_within_alphabet_through_the_experiment_config(omniglot_root: Path, minimal: dict) -> None:
+    # data.options go to get_tasksets as keyword arguments: no config schema change needed.
+    from npbml.config import config_from_dict
+    from npbml.train import make_tasksets
+
+    data = {"name": "omniglot-minimal", "root": str(omniglot_root), "ways": 20, "queries": 1}
+    cfg = config_from_dict({"data": {**data, "options": {"within_alphabet": "test"}}})
+    ts = make_tasksets(cfg)
+    assert ts.test.within_alphabet and ts.test.alphabets == ["Japanese_(katakana)", "Sanskrit"]
