@@ -16,8 +16,9 @@ import contextlib
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -29,17 +30,35 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` to ``path`` (temp file + fsync + os.replace); return the path."""
+    return _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomically replace ``path`` with ``text`` (UTF-8), as :func:`save_checkpoint` does.
+
+    Args:
+        path: The destination file; its directory is created when missing.
+        text: The complete new contents.
+
+    Returns:
+        The path written.
+    """
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Temp file in the destination directory, ``write`` into it, fsync, ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        # Whatever went wrong (disk full, KeyboardInterrupt), the old checkpoint is untouched.
+        # Whatever went wrong (disk full, KeyboardInterrupt), the old file is untouched.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

@@ -33,13 +33,12 @@ depend on it). Without torchrun's environment none of this runs: a single proces
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,31 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from npbml.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from npbml.config import Config, ConfigError, config_from_dict, diff_configs
-from npbml.distributed import (
-    DistContext,
-    all_gather_object,
-    all_reduce_gradients,
-    all_reduce_metrics,
-    broadcast_flag,
-    broadcast_module,
-    broadcast_object,
-    evaluate_sharded,
-    init_distributed,
-    local_batch_size,
-    rank_seed,
-    sample_shard,
-    shutdown,
-    sync_buffers,
-)
-from npbml.evaluate import evaluate
+from npbml.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from npbml.config import Config, ConfigError, config_from_dict
+from npbml.distributed import DistContext, init_distributed, local_batch_size, rank_seed, shutdown
+from npbml.parallel import SingleProcess, StepStats, grad_norm, process_group
+from npbml.run_dir import RunDir, read_metrics
 from tasks.benchmarks import TaskSets, get_tasksets
 from tasks.errors import TaskDataError
 
@@ -91,6 +70,23 @@ RESUMABLE_CHANGES = {
     "eval.tasks",
     "eval.split",
 }
+
+__all__ = [
+    "TIMING_KEYS",
+    "TrainResult",
+    "TrainState",
+    "build_learner",
+    "infer_model_kwargs",
+    "load_learner",
+    "make_tasksets",
+    "meta_step",
+    "read_metrics",
+    "resolve_checkpoint",
+    "resolve_device",
+    "seed_everything",
+    "train",
+    "validate",
+]
 
 # cb(step, records): the metrics.jsonl records written at that step (possibly none).
 StepCallback = Callable[[int, list[dict[str, Any]]], None]
@@ -235,83 +231,8 @@ def make_scheduler(
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics file
+# Checkpoints
 # ---------------------------------------------------------------------------------------------
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (missing file -> ``[]``)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill mid-write; everything after it is lost anyway
-    return out
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of steps ``<= step`` (the state of ``path`` when that checkpoint was made)."""
-    kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint state
-# ---------------------------------------------------------------------------------------------
-
-
-def _grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients (NaN/inf if any entry is); torch >= 2.2 compatible."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-def _state(
-    config: Config,
-    model_kwargs: dict[str, Any],
-    step: int,
-    learner: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    tasksets: TaskSets,
-    best: float | None,
-    log_sums: dict[str, Any],
-    log_count: int,
-    nonfinite_streak: int = 0,
-) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "step": step,
-        "config": config.to_dict(),
-        "model_kwargs": dict(model_kwargs),
-        "learner": learner.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "samplers": {
-            "train": tasksets.train.state_dict(),
-            "validation": tasksets.validation.state_dict(),
-            "test": tasksets.test.state_dict(),
-        },
-        "rng": rng_state(),
-        "best_val_accuracy": best,
-        # Train metrics of the steps since the last log line, so that the next line after a
-        # resume averages the same steps as in an uninterrupted run.
-        "log_accumulator": {"sums": {k: float(v) for k, v in log_sums.items()}, "n": log_count},
-        "nonfinite_streak": nonfinite_streak,
-    }
 
 
 def _check_format(state: dict[str, Any], path: Path) -> None:
@@ -324,15 +245,17 @@ def _check_format(state: dict[str, Any], path: Path) -> None:
         )
 
 
-def _check_resumable(saved: Config, config: Config, out_dir: Path) -> None:
-    changed = [k for k in diff_configs(saved, config) if k not in RESUMABLE_CHANGES]
-    if changed == ["train.meta_steps"] and config.train.lr_schedule == "none":
-        return  # extending (or shortening) a constant-rate run is well defined
-    if changed:
-        raise ConfigError(
-            f"{out_dir} holds a run with a different config (changed: {', '.join(changed)}); "
-            "resume with the same config, start over with --no-resume, or choose another --out"
-        )
+def _check_resumable(saved: Config, config: Config, run: RunDir) -> None:
+    """Refuse a changed config, except the keys of :data:`RESUMABLE_CHANGES` and a new length
+    of a constant-rate run (extending or shortening it is well defined)."""
+    run.check_resumable(
+        saved.to_dict(),
+        config.to_dict(),
+        ignore=RESUMABLE_CHANGES,
+        tolerate=lambda changed: (
+            changed == ["train.meta_steps"] and config.train.lr_schedule == "none"
+        ),
+    )
 
 
 def resolve_checkpoint(path: str | Path, name: str = "best.pt") -> Path:
@@ -366,6 +289,113 @@ def load_learner(
     learner = build_learner(config, state["model_kwargs"])
     learner.load_state_dict(state["learner"])
     return learner.to(device), config, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a meta-training run carries from step to step (and into its checkpoints).
+
+    ``log_sums`` / ``log_count``: the train metrics of the steps since the last log line, kept in
+    checkpoints so that the first line after a resume averages the same steps as an
+    uninterrupted run; ``nonfinite_streak``: consecutive skipped (non-finite) steps.
+    """
+
+    config: Config
+    model_kwargs: dict[str, Any]
+    learner: nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tasksets: TaskSets
+    step: int = 0
+    best: float | None = None
+    nonfinite_streak: int = 0
+    log_sums: dict[str, Any] = field(default_factory=dict)
+    log_count: int = 0
+
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The checkpoint of this state (with every rank's RNG states in a multi-process run).
+
+        Args:
+            rng_ranks: The RNG states of all ranks, in rank order, or None for one process.
+
+        Returns:
+            A ``weights_only``-loadable checkpoint dict.
+        """
+        ts = self.tasksets
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "model_kwargs": dict(self.model_kwargs),
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "samplers": {
+                "train": ts.train.state_dict(),
+                "validation": ts.validation.state_dict(),
+                "test": ts.test.state_dict(),
+            },
+            "rng": rng_state(),
+            "best_val_accuracy": self.best,
+            "log_accumulator": {
+                "sums": {k: float(v) for k, v in self.log_sums.items()},
+                "n": self.log_count,
+            },
+            "nonfinite_streak": self.nonfinite_streak,
+        }
+        if rng_ranks is not None:
+            state.update(world_size=len(rng_ranks), rng_ranks=rng_ranks)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], group: SingleProcess) -> None:
+        """Continue from checkpoint ``state`` (a resume with another number of processes gives
+        the ranks other than 0 fresh RNG streams).
+
+        Args:
+            state: A checkpoint written from :meth:`state_dict`.
+            group: This process's place in the run.
+        """
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for split in ("train", "validation", "test"):
+            getattr(self.tasksets, split).load_state_dict(state["samplers"][split])
+        self.step, self.best = int(state["step"]), state["best_val_accuracy"]
+        per_rank = state.get("rng_ranks")
+        if per_rank is not None and len(per_rank) == group.world_size:
+            set_rng_state(per_rank[group.rank])
+        elif group.rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(rank_seed(self.config.train.seed * 1_000_003 + self.step, group.rank))
+        acc = state.get("log_accumulator") or {"sums": {}, "n": 0}
+        self.log_sums, self.log_count = dict(acc["sums"]), int(acc["n"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+
+@dataclass
+class _Clock:
+    """Wall-clock bookkeeping of the throughput fields (not checkpointed: they are timing)."""
+
+    start: float
+    last_log: float
+    tasks: int = 0
+
+
+def _save(state: TrainState, run: RunDir, group: SingleProcess, best: bool = False) -> None:
+    """Write ``last.pt`` (or ``best.pt``); collective: every rank calls it at the same steps."""
+    group.sync_buffers(state.learner)
+    rngs = group.rng_states()
+    if run.writer:
+        (run.save_best if best else run.save_last)(state.state_dict(rngs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,18 +443,9 @@ def train(
         local_batch_size(t.meta_batch_size, ctx.world_size)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
+        limits = _Limits(max_steps, max_seconds, stop_when)
         result = _train(
-            config,
-            out,
-            resume,
-            max_steps,
-            max_seconds,
-            callbacks,
-            stop_when,
-            tasksets,
-            progress,
-            ctx.device,
-            ctx,
+            config, out, resume, limits, callbacks, tasksets, progress, process_group(ctx)
         )
         ok = True
         return result
@@ -439,33 +460,47 @@ def train(
                 torch.distributed.destroy_process_group()
 
 
-def _load_resume_state(
-    config: Config, out: Path, last_path: Path, resume: bool, device: torch.device, ctx: DistContext
+@dataclass(frozen=True)
+class _Limits:
+    """When to pause a run before ``train.meta_steps`` (see :func:`train`)."""
+
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    stop_when: Callable[[int], bool] | None = None
+
+    def reached(self, step: int, elapsed: float, group: SingleProcess) -> bool:
+        """Whether to pause after ``step``; wall-clock decisions are the main process's."""
+        stop = (
+            (self.max_steps is not None and step >= self.max_steps)
+            or (self.max_seconds is not None and elapsed >= self.max_seconds)
+            or (self.stop_when is not None and bool(self.stop_when(step)))
+        )
+        if self.max_seconds is not None or self.stop_when is not None:
+            stop = group.decide(stop)
+        return stop
+
+
+def _read_resume_state(
+    config: Config, run: RunDir, resume: bool, device: torch.device, group: SingleProcess
 ) -> dict[str, Any] | None:
-    """The checkpoint to resume from (``None``: start over). In a multi-process run rank 0 reads
-    and checks it and sends it to the others (no shared file system needed), or sends its error,
-    which every rank then raises, so that no rank is left waiting in a collective."""
-    if not ctx.distributed:
-        if not (resume and last_path.exists()):
-            return None
-        state = load_checkpoint(last_path, map_location=device)
-        _check_format(state, last_path)
-        _check_resumable(config_from_dict(state["config"]), config, out)
-        return state
+    """The checkpoint to resume from (``None``: start over). The main process reads and checks
+    it and sends it to the others (no shared file system needed), or sends its error, which
+    every rank then raises, so that no rank is left waiting in a collective."""
     payload: Any = None
     error: BaseException | None = None
-    if ctx.is_main:
+    if group.is_main:
         try:
-            if resume and last_path.exists():
-                state = load_checkpoint(last_path, map_location="cpu")
-                _check_format(state, last_path)
-                _check_resumable(config_from_dict(state["config"]), config, out)
+            if resume and run.has_last():
+                where = device if group.world_size == 1 else "cpu"
+                state = run.load_last(map_location=where)
+                _check_format(state, run.last_path)
+                _check_resumable(config_from_dict(state["config"]), config, run)
                 payload = ("state", state)
             else:
                 payload = ("fresh", None)
         except (CheckpointError, ConfigError) as e:
             error, payload = e, ("error", type(e).__name__, str(e))
-    payload = broadcast_object(payload, ctx)
+    payload = group.broadcast(payload)
     if payload[0] == "error":
         if error is not None:
             raise error
@@ -473,242 +508,243 @@ def _load_resume_state(
     return payload[1]
 
 
-def _train(
+def _setup(
     config: Config,
-    out: Path,
+    run: RunDir,
     resume: bool,
-    max_steps: int | None,
-    max_seconds: float | None,
-    callbacks: Sequence[StepCallback],
-    stop_when: Callable[[int], bool] | None,
     tasksets: TaskSets | None,
-    progress: bool,
-    device: torch.device,
-    ctx: DistContext | None = None,
-) -> TrainResult:
-    ctx = ctx if ctx is not None else DistContext(device=device)
-    main = ctx.is_main
+    group: SingleProcess,
+) -> TrainState:
+    """Build the learner, optimizer and samplers; resume from ``last.pt`` or start over."""
     t = config.train
-    metrics_path = out / "metrics.jsonl"
-    last_path, best_path = out / "last.pt", out / "best.pt"
     seed_everything(t.seed)
     if tasksets is None:
         tasksets = make_tasksets(config)
     model_kwargs = infer_model_kwargs(config, tasksets)
-    learner = build_learner(config, model_kwargs).to(device)
-    broadcast_module(learner, ctx)
-    if ctx.rank > 0:
+    learner = build_learner(config, model_kwargs).to(group.device)
+    group.broadcast_module(learner)
+    if group.rank > 0:
         # Global RNGs (dropout, augmentation) independent across ranks; rank 0 keeps the
         # single-process stream.
-        seed_everything(rank_seed(t.seed, ctx.rank))
+        seed_everything(rank_seed(t.seed, group.rank))
     params = _meta_parameters(learner)
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer)
+    state = TrainState(config, model_kwargs, learner, params, optimizer, scheduler, tasksets)
+    saved = _read_resume_state(config, run, resume, group.device, group)
+    if saved is not None:
+        state.load_state_dict(saved, group)
+        run.truncate_metrics(state.step)
+    else:
+        run.start_fresh()
+    del saved
+    run.save_config(config.to_dict())
+    return state
 
-    step, best, nonfinite_streak = 0, None, 0
-    sums: dict[str, Any] = {}
-    n_since_log = 0
-    state = _load_resume_state(config, out, last_path, resume, device, ctx)
-    if state is not None:
-        learner.load_state_dict(state["learner"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        for split in ("train", "validation", "test"):
-            getattr(tasksets, split).load_state_dict(state["samplers"][split])
-        step, best = int(state["step"]), state["best_val_accuracy"]
-        per_rank = state.get("rng_ranks")
-        if per_rank is not None and len(per_rank) == ctx.world_size:
-            set_rng_state(per_rank[ctx.rank])
-        elif ctx.rank == 0:
-            set_rng_state(state["rng"])
-        else:  # resumed with another number of processes: fresh streams for the other ranks
-            seed_everything(rank_seed(t.seed * 1_000_003 + step, ctx.rank))
-        acc = state.get("log_accumulator") or {"sums": {}, "n": 0}
-        sums, n_since_log = dict(acc["sums"]), int(acc["n"])
-        nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        if main:
-            _truncate_metrics(metrics_path, step)
-    elif main:
-        metrics_path.write_text("")
-        for p in (last_path, best_path):
-            p.unlink(missing_ok=True)
-    del state
-    if main:
-        config.save(out / "config.yaml")
 
-    def checkpoint(path: Path) -> None:
-        # Collective in a multi-process run: every rank calls it at the same steps.
-        rngs = None
-        if ctx.distributed:
-            sync_buffers(learner, ctx)
-            rngs = all_gather_object(rng_state(), ctx)
-        if not main:
-            return
-        st = _state(
-            config,
-            model_kwargs,
-            step,
-            learner,
-            optimizer,
-            scheduler,
-            tasksets,
-            best,
-            sums,
-            n_since_log,
-            nonfinite_streak,
-        )
-        if rngs is not None:
-            st.update(world_size=ctx.world_size, rng_ranks=rngs)
-        save_checkpoint(path, st)
-
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.meta_steps, initial=step, desc="meta-train", dynamic_ncols=True)
-
-    start_step, t_start = step, time.perf_counter()
-    t_log, tasks_since_log = t_start, 0
-    finished = step >= t.meta_steps
+def _train(
+    config: Config,
+    out: Path,
+    resume: bool,
+    limits: _Limits,
+    callbacks: Sequence[StepCallback],
+    tasksets: TaskSets | None,
+    progress: bool,
+    group: SingleProcess,
+) -> TrainResult:
+    t = config.train
+    run = RunDir(out, writer=group.is_main)
+    state = _setup(config, run, resume, tasksets, group)
+    bar = _progress_bar(state, progress and group.is_main)
+    start_step, now = state.step, time.perf_counter()
+    clock = _Clock(now, now)
     try:
-        while step < t.meta_steps:
-            learner.train()
-            batch = sample_shard(tasksets.train, t.meta_batch_size, ctx)
-            if device.type != "cpu":
-                batch = batch.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            if t.per_task_backward or t.task_workers > 1:
-                info = learner.meta_backward(batch, workers=t.task_workers)
-                loss = None
-            else:
-                loss, info = learner.outer_loss(batch)
-                loss.backward()
-            # One norm over all meta-gradients (needed for clipping anyway) tells whether any
-            # is non-finite; learned losses and preconditioners can diverge (METHODS.md sec 3).
-            norm = _grad_norm(params)
-            meta_loss = info.get("loss", loss.detach() if loss is not None else 0.0)
-            finite = bool(torch.isfinite(norm)) and math.isfinite(float(meta_loss))
-            if ctx.distributed:
-                # Mean over the ranks' equal shares = mean over the B tasks; the skip decision
-                # below must be the same on every rank, or the ranks fall out of step.
-                all_reduce_gradients(params, ctx)
-                acc = info.get("accuracy")
-                meta_loss, acc, finite = all_reduce_metrics(
-                    float(meta_loss), None if acc is None else float(acc), finite, ctx
-                )
-                info = {**info, "loss": meta_loss}
-                if acc is not None:
-                    info["accuracy"] = acc
-                norm = _grad_norm(params)
-                finite = finite and bool(torch.isfinite(norm))
-            step += 1
-            tasks_since_log += t.meta_batch_size
-            if not finite:
-                nonfinite_streak += 1
-                optimizer.zero_grad(set_to_none=True)
-                skip = {"step": step, "split": "train", "skipped": "nonfinite"}
-                # Strings, so that metrics.jsonl stays strict JSON (no NaN/Infinity literals).
-                skip.update(meta_loss=str(float(meta_loss)), grad_norm=str(float(norm)))
-                if main:
-                    _append_metrics(metrics_path, skip)
-                    warnings.warn(
-                        f"step {step}: non-finite meta-loss ({float(meta_loss)}) or meta-gradient "
-                        f"norm ({float(norm)}); meta-step skipped "
-                        f"({nonfinite_streak}/{t.max_nonfinite_steps} in a row)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                if nonfinite_streak >= t.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{nonfinite_streak} meta-steps in a row had a non-finite meta-loss or "
-                        f"meta-gradient (last at step {step}); stopped. The last good checkpoint "
-                        f"{str(last_path)!r} is intact. Lower train.meta_lr or "
-                        "algorithm.inner_lr, or set train.grad_clip, then resume."
-                    )
-            else:
-                nonfinite_streak = 0
-                if t.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                n_since_log += 1
-                # Summed as given (floats or 0-dim tensors) and converted once per log interval.
-                for k in ("loss", "accuracy"):
-                    v = info.get(k, loss.detach() if k == "loss" and loss is not None else None)
-                    if v is not None:
-                        sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
-
-            records: list[dict[str, Any]] = []
-            if step % t.log_every == 0 or step == t.meta_steps:
-                now = time.perf_counter()
-                record = {"step": step, "split": "train"}
-                for k, v in sums.items():
-                    record[k] = float(v) / max(n_since_log, 1)
-                record["lr"] = optimizer.param_groups[0]["lr"]
-                record["tasks_per_s"] = tasks_since_log / max(now - t_log, 1e-9)
-                record["time_s"] = now - t_start
-                if main:
-                    _append_metrics(metrics_path, record)
-                records.append(record)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{record.get('loss', math.nan):.3f}",
-                        acc=f"{record.get('accuracy', math.nan):.3f}",
-                        tasks_s=f"{record['tasks_per_s']:.1f}",
-                    )
-                sums, n_since_log, tasks_since_log, t_log = {}, 0, 0, now
-
-            stop = (
-                (max_steps is not None and step >= max_steps)
-                or (max_seconds is not None and time.perf_counter() - t_start >= max_seconds)
-                or (stop_when is not None and bool(stop_when(step)))
-            )
-            if max_seconds is not None or stop_when is not None:
-                stop = broadcast_flag(stop, ctx)  # wall-clock decisions: rank 0's for all
+        while state.step < t.meta_steps:
+            meta_step(state, group, run)
+            clock.tasks += t.meta_batch_size
+            records = []
+            if state.step % t.log_every == 0 or state.step == t.meta_steps:
+                records.append(_log_train(state, run, clock, bar))
+            stop = limits.reached(state.step, time.perf_counter() - clock.start, group)
             t_pause = time.perf_counter()
-            if step % t.val_every == 0 or step == t.meta_steps:
-                if ctx.distributed:
-                    sync_buffers(learner, ctx)
-                    res = evaluate_sharded(learner, tasksets.validation, t.val_tasks, ctx, device)
-                else:
-                    res = evaluate(
-                        learner,
-                        tasksets.validation,
-                        t.val_tasks,
-                        device=device,
-                        workers=t.task_workers,
-                    )
-                res["eval_s"] = time.perf_counter() - t_pause
-                is_best = best is None or res["accuracy"] > best
-                if is_best:
-                    best = res["accuracy"]
-                val_record = {"step": step, "split": "validation", **res, "best": is_best}
-                if main:
-                    _append_metrics(metrics_path, val_record)
-                records.append(val_record)
-                if is_best:
-                    checkpoint(best_path)
-                if bar is not None:
-                    bar.write(
-                        f"step {step}: validation accuracy {100 * res['accuracy']:.2f}% "
-                        f"+- {100 * res['ci95']:.2f}% (best {100 * best:.2f}%)"
-                    )
-            if step % t.checkpoint_every == 0 or step == t.meta_steps or stop:
-                checkpoint(last_path)
+            if state.step % t.val_every == 0 or state.step == t.meta_steps:
+                records.append(validate(state, group, run, bar, t_pause))
+            if state.step % t.checkpoint_every == 0 or state.step == t.meta_steps or stop:
+                _save(state, run, group)
             # Validation and checkpoint time do not count against the training throughput.
-            t_log += time.perf_counter() - t_pause
+            clock.last_log += time.perf_counter() - t_pause
             if bar is not None:
                 bar.update(1)
             for cb in callbacks:
-                cb(step, records)
+                cb(state.step, records)
             if stop:
                 break
-        finished = step >= t.meta_steps
     finally:
         if bar is not None:
             bar.close()
-    if best is None and step > start_step:
-        checkpoint(best_path)  # paused before the first validation: best.pt is the latest state
-    return TrainResult(out, step, best, learner, config, finished, ctx.rank, ctx.world_size)
+    if state.best is None and state.step > start_step:
+        _save(state, run, group, best=True)  # paused before any validation: the latest state
+    finished = state.step >= t.meta_steps
+    return TrainResult(
+        out, state.step, state.best, state.learner, config, finished, group.rank, group.world_size
+    )
+
+
+def _progress_bar(state: TrainState, show: bool) -> Any:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    total = state.config.train.meta_steps
+    return tqdm(total=total, initial=state.step, desc="meta-train", dynamic_ncols=True)
+
+
+def meta_step(state: TrainState, group: SingleProcess, run: RunDir) -> StepStats:
+    """One outer step on the next meta-batch: meta-gradient, reduction across processes, then
+    the optimizer step, or a skip when the meta-loss or meta-gradient is not finite.
+
+    Args:
+        state: The run's state; ``step`` advances by one, skipped or not.
+        group: The processes of the run (reduces the meta-gradient across them).
+        run: The run directory (a skipped step is logged there).
+
+    Returns:
+        The step's statistics (after reduction).
+
+    Raises:
+        FloatingPointError: ``train.max_nonfinite_steps`` steps in a row were skipped.
+    """
+    t = state.config.train
+    learner, params = state.learner, state.params
+    learner.train()
+    batch = group.sample(state.tasksets.train, t.meta_batch_size)
+    if group.device.type != "cpu":
+        batch = batch.to(group.device, non_blocking=True)
+    state.optimizer.zero_grad(set_to_none=True)
+    if t.per_task_backward or t.task_workers > 1:
+        info = learner.meta_backward(batch, workers=t.task_workers)
+        loss = info.get("loss")
+    else:
+        loss_t, info = learner.outer_loss(batch)
+        loss_t.backward()
+        loss = info.get("loss", loss_t.detach())
+    # One norm over all meta-gradients (needed for clipping anyway) tells whether any is
+    # non-finite; learned losses and preconditioners can diverge (METHODS.md sec 3).
+    norm = grad_norm(params)
+    meta_loss = loss if loss is not None else 0.0
+    finite = bool(torch.isfinite(norm)) and math.isfinite(float(meta_loss))
+    stats = StepStats(loss, info.get("accuracy"), meta_loss, norm, finite)
+    stats = group.reduce_gradients(params, stats)
+    state.step += 1
+    if stats.finite:
+        _apply(state, stats)
+    else:
+        _skip(state, stats, run)
+    return stats
+
+
+def _apply(state: TrainState, stats: StepStats) -> None:
+    """Clip, step the optimizer and schedule, and add the step's metrics to the log interval."""
+    t = state.config.train
+    state.nonfinite_streak = 0
+    if t.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(state.params, t.grad_clip)
+    state.optimizer.step()
+    if state.scheduler is not None:
+        state.scheduler.step()
+    state.log_count += 1
+    # Summed as given (floats or 0-dim tensors) and converted once per log interval.
+    for k, v in (("loss", stats.loss), ("accuracy", stats.accuracy)):
+        if v is not None:
+            state.log_sums[k] = state.log_sums.get(k, 0.0) + (
+                v.detach() if torch.is_tensor(v) else v
+            )
+
+
+def _skip(state: TrainState, stats: StepStats, run: RunDir) -> None:
+    """Drop a non-finite step (logged, warned); too many in a row stop the run."""
+    t = state.config.train
+    state.nonfinite_streak += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    meta_loss, norm = float(stats.meta_loss), float(stats.norm)
+    # Strings, so that metrics.jsonl stays strict JSON (no NaN/Infinity literals).
+    run.append_metrics(
+        {
+            "step": state.step,
+            "split": "train",
+            "skipped": "nonfinite",
+            "meta_loss": str(meta_loss),
+            "grad_norm": str(norm),
+        }
+    )
+    if run.writer:
+        warnings.warn(
+            f"step {state.step}: non-finite meta-loss ({meta_loss}) or meta-gradient norm "
+            f"({norm}); meta-step skipped ({state.nonfinite_streak}/{t.max_nonfinite_steps} in a "
+            "row)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if state.nonfinite_streak >= t.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{state.nonfinite_streak} meta-steps in a row had a non-finite meta-loss or "
+            f"meta-gradient (last at step {state.step}); stopped. The last good checkpoint "
+            f"{str(run.last_path)!r} is intact. Lower train.meta_lr or "
+            "algorithm.inner_lr, or set train.grad_clip, then resume."
+        )
+
+
+def _log_train(state: TrainState, run: RunDir, clock: _Clock, bar: Any) -> dict[str, Any]:
+    """The train metrics line of the steps since the last one; starts a new interval."""
+    now = time.perf_counter()
+    record: dict[str, Any] = {"step": state.step, "split": "train"}
+    for k, v in state.log_sums.items():
+        record[k] = float(v) / max(state.log_count, 1)
+    record["lr"] = state.optimizer.param_groups[0]["lr"]
+    record["tasks_per_s"] = clock.tasks / max(now - clock.last_log, 1e-9)
+    record["time_s"] = now - clock.start
+    run.append_metrics(record)
+    if bar is not None:
+        bar.set_postfix(
+            loss=f"{record.get('loss', math.nan):.3f}",
+            acc=f"{record.get('accuracy', math.nan):.3f}",
+            tasks_s=f"{record['tasks_per_s']:.1f}",
+        )
+    state.log_sums, state.log_count = {}, 0
+    clock.tasks, clock.last_log = 0, now
+    return record
+
+
+def validate(
+    state: TrainState, group: SingleProcess, run: RunDir, bar: Any, started: float
+) -> dict[str, Any]:
+    """Validation accuracy of the current meta-parameters; a new best writes ``best.pt``.
+
+    Args:
+        state: The run's state (``best`` is updated).
+        group: The processes of the run (the episodes are split across them).
+        run: The run directory (metrics line, ``best.pt``).
+        bar: The progress bar, or None.
+        started: ``time.perf_counter()`` when the pause for validation began.
+
+    Returns:
+        The validation record written to ``metrics.jsonl``.
+    """
+    t = state.config.train
+    res = group.evaluate(
+        state.learner, state.tasksets.validation, t.val_tasks, group.device, t.task_workers
+    )
+    res["eval_s"] = time.perf_counter() - started
+    is_best = state.best is None or res["accuracy"] > state.best
+    if is_best:
+        state.best = res["accuracy"]
+    record = {"step": state.step, "split": "validation", **res, "best": is_best}
+    run.append_metrics(record)
+    if is_best:
+        _save(state, run, group, best=True)
+    if bar is not None:
+        bar.write(
+            f"step {state.step}: validation accuracy {100 * res['accuracy']:.2f}% "
+            f"+- {100 * res['ci95']:.2f}% (best {100 * state.best:.2f}%)"
+        )
+    return record
