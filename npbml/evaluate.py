@@ -62,6 +62,7 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
     workers: int = 1,
+    per_task: bool = False,
 ) -> dict[str, Any]:
     """Mean query accuracy over episodes ``0 .. num_tasks-1`` of ``sampler``, with its 95% interval.
 
@@ -70,7 +71,9 @@ def evaluate(
     ``workers`` > 1 adapts that many episodes at once on CPU threads (an ``nn.Module`` learner;
     :func:`npbml.algorithms.task_parallel.parallel_map`); episodes are still drawn in this thread
     and the accuracies are the same as with one worker.
-    Returns ``{"accuracy": mean, "ci95": half_width, "tasks": n}`` (accuracies as fractions).
+    Returns ``{"accuracy": mean, "ci95": half_width, "tasks": n}`` (accuracies as fractions);
+    with ``per_task=True`` also ``"accuracies"``, the accuracy of each episode in index order (for
+    paired comparisons of learners on the same episodes, :func:`paired_difference`).
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -105,7 +108,96 @@ def evaluate(
     if bar is not None:
         bar.close()
     mean, h = mean_confidence_interval(accs)
-    return {"accuracy": mean, "ci95": h, "tasks": int(num_tasks)}
+    out: dict[str, Any] = {"accuracy": mean, "ci95": h, "tasks": int(num_tasks)}
+    if per_task:
+        out["accuracies"] = accs.tolist()
+    return out
+
+
+def _as_array(values: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray | torch.Tensor,
+    b: Sequence[float] | np.ndarray | torch.Tensor,
+    ddof: int = 1,
+) -> dict[str, Any]:
+    """Paired per-episode difference ``a - b`` of two learners on the SAME episodes.
+
+    The comparison METHODS.md section 2 asks for: on fixed test episodes the per-episode
+    differences cancel the episode difficulty both learners share, so their interval is much
+    narrower than the two accuracies' intervals suggest. The interval is that of
+    :func:`mean_confidence_interval` over the differences (``mean +- 1.96 * s / sqrt(n)``).
+
+    Args:
+        a: per-episode accuracies of one learner (``evaluate(..., per_task=True)["accuracies"]``).
+        b: those of the reference learner, on the same episodes in the same order.
+        ddof: delta degrees of freedom of ``s`` (see :func:`mean_confidence_interval`).
+
+    Returns:
+        ``{"mean", "ci95", "n", "wins", "losses", "ties"}``: the mean difference, its 95%
+        half-width, the number of episodes, and on how many ``a`` was better, worse, equal.
+    """
+    x, y = _as_array(a).ravel(), _as_array(b).ravel()
+    if x.shape != y.shape:
+        raise ValueError(
+            f"paired_difference needs per-episode values of the same episodes: got {x.size} and "
+            f"{y.size} values; evaluate both learners on the same episodes"
+        )
+    d = x - y
+    mean, h = mean_confidence_interval(d, ddof=ddof)
+    return {
+        "mean": mean,
+        "ci95": h,
+        "n": int(d.size),
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "ties": int((d == 0).sum()),
+    }
+
+
+def pooled_paired_difference(
+    a: Sequence[Sequence[float]] | np.ndarray,
+    b: Sequence[Sequence[float]] | np.ndarray,
+    ddof: int = 1,
+) -> dict[str, Any]:
+    """Paired differences ``a - b`` over several seeds that all used the same test episodes.
+
+    ``a[s][i]`` is learner A's accuracy on episode ``i`` when trained with seed ``s``; likewise
+    ``b``. Each seed gets its own :func:`paired_difference`. The pooled mean is the mean over
+    all seeds and episodes. Its interval is computed over the per-episode differences averaged
+    across seeds (the episodes are shared, so seed x episode values are not independent draws);
+    it measures episode sampling, not training variation, which ``seed_sd`` (the standard
+    deviation of the per-seed means, ``ddof=1``) shows instead.
+
+    Args:
+        a: ``[seeds, episodes]`` per-episode accuracies of learner A.
+        b: the same for the reference learner B.
+        ddof: as in :func:`paired_difference`.
+
+    Returns:
+        ``{"per_seed": [paired_difference, ...], "mean", "ci95", "seed_sd", "seeds", "n"}``.
+    """
+    x, y = _as_array(a), _as_array(b)
+    if x.ndim != 2 or x.shape != y.shape or x.shape[0] < 1:
+        raise ValueError(
+            f"pooled_paired_difference needs two [seeds, episodes] arrays of the same shape, got "
+            f"{x.shape} and {y.shape}; evaluate every seed on the same episodes"
+        )
+    per_seed = [paired_difference(x[s], y[s], ddof) for s in range(x.shape[0])]
+    means = np.array([p["mean"] for p in per_seed])
+    _, h = mean_confidence_interval((x - y).mean(axis=0), ddof=ddof)
+    return {
+        "per_seed": per_seed,
+        "mean": float((x - y).mean()),
+        "ci95": h,
+        "seed_sd": float(means.std(ddof=1)) if means.size > 1 else math.nan,
+        "seeds": int(x.shape[0]),
+        "n": int(x.shape[1]),
+    }
 
 
 def evaluate_lake(

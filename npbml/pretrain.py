@@ -29,53 +29,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The nearest-prototype computation has one home, the baseline learner's module; pre-training
+# uses it to pick the best-validation backbone (and re-exports it for existing callers).
+from npbml.algorithms.prototype import features as _features
+from npbml.algorithms.prototype import prototype_accuracy
+
+# Backbone files live with the models (a learner loads them without importing this driver);
+# re-exported here, their former home.
+from npbml.models.weights import (  # noqa: F401
+    BACKBONE_FORMAT,
+    load_backbone_weights,
+    save_backbone,
+)
 from npbml.relation import RelationNetwork, save_relation
 from tasks.dataset import ClassDataset
-from tasks.episode import Episode
 from tasks.sampler import EpisodeSource
-
-BACKBONE_FORMAT = "npbml-backbone"
 
 Logger = Callable[[dict[str, Any]], None]
 
 
-def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    fn = getattr(model, "features", None)
-    if fn is None:
-        raise TypeError(
-            f"{type(model).__name__} has no features(x) method; pre-training needs the "
-            "representation before the head (npbml.models backbones provide it)"
-        )
-    return fn(x)
-
-
-@torch.no_grad()
-def prototype_accuracy(model: nn.Module, episode: Episode) -> float:
-    """Nearest-prototype (Snell et al. 2017) query accuracy of ``model.features`` on one task.
-
-    Support and query are embedded in one pass; each query goes to the class whose mean support
-    feature is nearest in squared Euclidean distance.
-    """
-    n_s = episode.support_x.shape[0]
-    feats = _features(model, torch.cat([episode.support_x, episode.query_x]))
-    s, q = feats[:n_s], feats[n_s:]
-    ways = episode.ways
-    protos = torch.zeros(ways, s.shape[1], dtype=s.dtype, device=s.device)
-    protos.index_add_(0, episode.support_y, s)
-    protos /= torch.bincount(episode.support_y, minlength=ways).clamp_min(1).unsqueeze(1)
-    pred = torch.cdist(q, protos).argmin(1)
-    return float((pred == episode.query_y).float().mean())
-
-
 def mean_prototype_accuracy(
-    model: nn.Module, source: EpisodeSource, episodes: int, device: torch.device | str = "cpu"
+    model: nn.Module,
+    source: EpisodeSource,
+    episodes: int,
+    device: torch.device | str = "cpu",
+    distance: str = "euclidean",
 ) -> float:
-    """Mean :func:`prototype_accuracy` over episodes ``0..episodes-1`` of ``source`` (a fixed set:
-    episodes are drawn by index, so the source's own stream is untouched)."""
+    """Mean nearest-prototype accuracy (:func:`npbml.algorithms.prototype.prototype_accuracy`,
+    Snell et al. 2017) of ``model`` in eval mode over episodes ``0..episodes-1`` of ``source`` (a
+    fixed set: episodes are drawn by index, so the source's own stream is untouched).
+
+    Args:
+        model: the backbone being pre-trained.
+        source: validation episodes.
+        episodes: how many.
+        device: where to run.
+        distance: ``"euclidean"`` (default) or ``"cosine"``.
+
+    Returns:
+        The mean query accuracy.
+    """
     was_training = model.training
     model.eval()
     try:
-        accs = [prototype_accuracy(model, source.sample(i).to(device)) for i in range(episodes)]
+        accs = [
+            prototype_accuracy(model, source.sample(i).to(device), distance)
+            for i in range(episodes)
+        ]
     finally:
         model.train(was_training)
     return float(np.mean(accs))
@@ -194,56 +194,6 @@ def pretrain_backbone(
     else:
         result.best_accuracy, result.best_step = math.nan, steps
     return result
-
-
-def save_backbone(
-    model: nn.Module, path: str | Path, model_name: str, model_kwargs: dict[str, Any], **meta: Any
-) -> Path:
-    """Write a pre-trained backbone (state dict, how to rebuild it, and ``meta``) to ``path``."""
-    from npbml.checkpoint import save_checkpoint
-
-    state = {
-        "format": BACKBONE_FORMAT,
-        "model": model_name,
-        "model_kwargs": dict(model_kwargs),
-        "state_dict": model.state_dict(),
-    }
-    return save_checkpoint(path, {**meta, **state})
-
-
-def load_backbone_weights(
-    model: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("blocks.",)
-) -> list[str]:
-    """Copy the entries of a :func:`save_backbone` checkpoint whose names start with
-    ``prefixes`` (default: the body, not the head) into ``model``; returns the names loaded."""
-    from npbml.checkpoint import CheckpointError, load_checkpoint
-
-    state = load_checkpoint(path)
-    if state.get("format") != BACKBONE_FORMAT:
-        raise CheckpointError(
-            f"{str(path)!r} is not a backbone checkpoint (write one with `npbml pretrain` or "
-            "npbml.pretrain.save_backbone)"
-        )
-    saved = {k: v for k, v in state["state_dict"].items() if k.startswith(prefixes)}
-    own = model.state_dict()
-    bad = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" if k in own else f"{k} (missing)"
-        for k, v in saved.items()
-        if k not in own or own[k].shape != v.shape
-    ]
-    if bad or not saved:
-        raise CheckpointError(
-            f"backbone checkpoint {str(path)!r} does not fit this model ({state.get('model')} "
-            f"{state.get('model_kwargs')}): {bad[:4] or 'no matching entries'}; pre-train the "
-            "same architecture (model name and options) as the experiment"
-        )
-    missing = [k for k in own if k.startswith(prefixes) and k not in saved]
-    if missing:
-        raise CheckpointError(f"backbone checkpoint {str(path)!r} lacks {missing[:4]}")
-    with torch.no_grad():
-        for k, v in saved.items():
-            own[k].copy_(v)
-    return sorted(saved)
 
 
 def pretrain_relation(
@@ -371,37 +321,143 @@ def _printer(record: dict[str, Any]) -> None:
     )
 
 
-def run_pretrain(args: argparse.Namespace) -> int:
-    """``npbml pretrain``: pre-train the config's backbone on its meta-train classes, keep the
-    best nearest-prototype validation weights, write a backbone checkpoint to ``--out``
-    (load it with ``algorithm.options.backbone_checkpoint``)."""
+def run_pretrain_backbone(
+    config: Any,
+    tasksets: Any,
+    out: str | Path,
+    *,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    val_episodes: int = 50,
+    eval_every: int = 200,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    log: Logger | None = None,
+) -> tuple[PretrainResult, Path]:
+    """The backbone stage of an experiment: build the config's model, pre-train it on the
+    meta-train classes (:func:`pretrain_backbone`), write it with :func:`save_backbone`.
+
+    Args:
+        config: the experiment :class:`~npbml.config.Config` (its data and model sections).
+        tasksets: its task sets (``npbml.train.make_tasksets(config)``).
+        out: the checkpoint file to write (``algorithm.options.backbone_checkpoint``).
+        steps, batch_size, lr, val_episodes, eval_every: as in :func:`pretrain_backbone`.
+        seed: the seed (default ``config.train.seed``).
+        device: where to train.
+        log: called with each log record (``None``: silent).
+
+    Returns:
+        ``(result, path written)``.
+    """
     from npbml.models import build_model
     from npbml.train import infer_model_kwargs
 
-    config, tasksets, seed, device = _setup(args)
     kwargs = {**infer_model_kwargs(config, tasksets), **config.model.options}
     model = build_model(config.model.name, **kwargs)
     result = pretrain_backbone(
         model,
         tasksets.train.dataset,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
         val_source=tasksets.validation,
-        val_episodes=args.val_episodes,
-        eval_every=args.eval_every,
-        seed=seed,
+        val_episodes=val_episodes,
+        eval_every=eval_every,
+        seed=config.train.seed if seed is None else int(seed),
         device=device,
-        log=_printer,
+        log=log,
     )
     path = save_backbone(
         model.cpu(),
-        args.out,
+        out,
         config.model.name,
         kwargs,
         val_accuracy=result.best_accuracy,
         best_step=result.best_step,
         config=config.to_dict(),
+    )
+    return result, path
+
+
+def run_pretrain_relation_network(
+    config: Any,
+    tasksets: Any,
+    out: str | Path,
+    *,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    channels: int = 64,
+    hidden: int = 8,
+    val_episodes: int = 50,
+    eval_every: int = 200,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    log: Logger | None = None,
+) -> tuple[PretrainResult, Path]:
+    """The relation-network stage of an experiment: episodic pre-training on the config's task
+    distribution (:func:`pretrain_relation`), written with :func:`~npbml.relation.save_relation`.
+
+    Args:
+        config: the experiment :class:`~npbml.config.Config`.
+        tasksets: its task sets (``npbml.train.make_tasksets(config)``).
+        out: the checkpoint file to write (``algorithm.options.relation_checkpoint``).
+        steps, lr, val_episodes, eval_every: as in :func:`pretrain_relation`.
+        channels: embedding channels of the relation network.
+        hidden: width of its fully connected layer.
+        seed: the seed (default ``config.train.seed``).
+        device: where to train.
+        log: called with each log record (``None``: silent).
+
+    Returns:
+        ``(result, path written)``.
+    """
+    from npbml.train import infer_model_kwargs
+
+    in_channels = int(infer_model_kwargs(config, tasksets).get("in_channels", 1))
+    relation = RelationNetwork(channels=channels, in_channels=in_channels, hidden=hidden)
+    result = pretrain_relation(
+        relation,
+        tasksets.train,
+        steps=steps,
+        lr=lr,
+        val_source=tasksets.validation,
+        val_episodes=val_episodes,
+        eval_every=eval_every,
+        seed=config.train.seed if seed is None else int(seed),
+        device=device,
+        log=log,
+    )
+    path = save_relation(
+        relation.cpu(), out, val_accuracy=result.best_accuracy, config_used=config.to_dict()
+    )
+    return result, path
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """``npbml pretrain``: pre-train the config's backbone on its meta-train classes, keep the
+    best nearest-prototype validation weights, write a backbone checkpoint to ``--out``
+    (load it with ``algorithm.options.backbone_checkpoint``).
+
+    Args:
+        args: the options of :func:`add_pretrain_arguments`.
+
+    Returns:
+        The exit code, 0.
+    """
+    config, tasksets, seed, device = _setup(args)
+    result, path = run_pretrain_backbone(
+        config,
+        tasksets,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_episodes=args.val_episodes,
+        eval_every=args.eval_every,
+        seed=seed,
+        device=device,
+        log=_printer,
     )
     print(
         f"best validation prototype accuracy {result.best_accuracy:.4f} at step "
@@ -412,26 +468,28 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 def run_pretrain_relation(args: argparse.Namespace) -> int:
     """``npbml pretrain-relation``: episodic relation-network pre-training on the config's task
-    distribution; writes a checkpoint to ``--out`` (``algorithm.options.relation_checkpoint``)."""
-    from npbml.train import infer_model_kwargs
+    distribution; writes a checkpoint to ``--out`` (``algorithm.options.relation_checkpoint``).
 
+    Args:
+        args: the options of :func:`add_pretrain_relation_arguments`.
+
+    Returns:
+        The exit code, 0.
+    """
     config, tasksets, seed, device = _setup(args)
-    in_channels = int(infer_model_kwargs(config, tasksets).get("in_channels", 1))
-    relation = RelationNetwork(channels=args.channels, in_channels=in_channels, hidden=args.hidden)
-    result = pretrain_relation(
-        relation,
-        tasksets.train,
+    result, path = run_pretrain_relation_network(
+        config,
+        tasksets,
+        args.out,
         steps=args.steps,
         lr=args.lr,
-        val_source=tasksets.validation,
+        channels=args.channels,
+        hidden=args.hidden,
         val_episodes=args.val_episodes,
         eval_every=args.eval_every,
         seed=seed,
         device=device,
         log=_printer,
-    )
-    path = save_relation(
-        relation.cpu(), args.out, val_accuracy=result.best_accuracy, config_used=config.to_dict()
     )
     print(f"best validation relation accuracy {result.best_accuracy:.4f}; wrote {path}")
     return 0

@@ -99,3 +99,54 @@ def test_evaluate_lake_error_rate():
     assert res["per_run_errors"] == [0, 3, 20]
     assert (res["errors"], res["items"], res["runs"]) == (23, 60, 3)
     assert res["error_rate"] == pytest.approx(23 / 60)
+
+
+def test_evaluate_per_task_returns_each_episode_in_index_order():
+    sampler = _sampler()
+    res = evaluate(RecordingLearner(), sampler, 5, per_task=True)
+    expected = [float(sampler.sample(i).classes.sum()) / 33.0 for i in range(5)]
+    assert res["accuracies"] == pytest.approx(expected)
+    assert res["accuracy"] == pytest.approx(np.mean(expected))
+    assert "accuracies" not in evaluate(RecordingLearner(), sampler, 5)
+
+
+def test_paired_difference_by_hand():
+    from npbml.evaluate import paired_difference
+
+    # a - b = 0.2, 0.0, 0.4, -0.2: mean 0.1; squared deviations 0.01, 0.01, 0.09, 0.09 sum to
+    # 0.2; s = sqrt(0.2 / 3); h = 1.96 * s / 2 = 0.2530349. One tie, one loss, two wins.
+    a = [0.8, 0.6, 1.0, 0.4]
+    b = [0.6, 0.6, 0.6, 0.6]
+    d = paired_difference(a, b)
+    assert d["mean"] == pytest.approx(0.1, abs=1e-12)
+    assert d["ci95"] == pytest.approx(0.2530349, abs=1e-7)
+    assert (d["n"], d["wins"], d["losses"], d["ties"]) == (4, 2, 1, 1)
+    # Pairing matters: the unpaired intervals are wider than the paired one would be for
+    # correlated learners (b = a - 0.1 + tiny noise): paired h is ~0, unpaired h is not.
+    x = np.random.default_rng(0).random(50)
+    tight = paired_difference(x, x - 0.1)
+    assert tight["mean"] == pytest.approx(0.1) and tight["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert mean_confidence_interval(x)[1] > 0.05
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_difference([0.1, 0.2], [0.3])
+
+
+def test_pooled_paired_difference_by_hand():
+    from npbml.evaluate import paired_difference, pooled_paired_difference
+
+    # Two seeds, three shared episodes. Differences: seed 0: 0.1, 0.2, 0.3 (mean 0.2);
+    # seed 1: 0.3, 0.0, 0.0 (mean 0.1). Pooled mean 0.15; seed sd = sqrt(0.005) (ddof=1).
+    # Seed-averaged per-episode differences 0.2, 0.1, 0.15: mean 0.15, deviations 0.05, -0.05,
+    # 0 -> s = sqrt(0.005 / 2) = 0.05, h = 1.96 * 0.05 / sqrt(3).
+    a = [[0.6, 0.7, 0.8], [0.8, 0.5, 0.5]]
+    b = [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    p = pooled_paired_difference(a, b)
+    assert p["mean"] == pytest.approx(0.15)
+    assert p["seed_sd"] == pytest.approx(math.sqrt(0.005))
+    assert p["ci95"] == pytest.approx(1.96 * 0.05 / math.sqrt(3))
+    assert (p["seeds"], p["n"]) == (2, 3)
+    assert p["per_seed"][1] == paired_difference(a[1], b[1])
+    assert p["per_seed"][0]["mean"] == pytest.approx(0.2)
+    assert math.isnan(pooled_paired_difference(a[:1], b[:1])["seed_sd"])
+    with pytest.raises(ValueError, match="same shape"):
+        pooled_paired_difference(a, [[0.5, 0.5], [0.5, 0.5]])

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -17,6 +18,8 @@ from npbml.algorithms.base import GradientLearner, Metrics
 from npbml.algorithms.fomaml import FOMAML
 from npbml.algorithms.maml import MAML
 from npbml.algorithms.metasgd import MetaSGD
+from npbml.algorithms.npbml import NPBML, build_npbml
+from npbml.algorithms.prototype import PrototypeClassifier
 
 __all__ = [
     "ALGORITHMS",
@@ -31,16 +34,16 @@ __all__ = [
     "build_algorithm",
 ]
 
-ALGORITHMS: dict[str, type[GradientLearner]] = {
+#: name -> learner class or builder ``(model, **kwargs) -> learner``; NPBML's builder loads the
+#: checkpoints its options name (the learner itself reads no files).
+ALGORITHMS: dict[str, Callable[..., Any]] = {
     "maml": MAML,
     "fomaml": FOMAML,
     "metasgd": MetaSGD,
     "anil": ANIL,
+    "npbml": build_npbml,
+    "proto": PrototypeClassifier,  # nearest prototype, no adaptation
 }
-
-# Registers "npbml" (and its validated config options); imported after ALGORITHMS exists because
-# that module adds itself to it.
-from npbml.algorithms.npbml import NPBML  # noqa: E402
 
 
 def available_algorithms() -> list[str]:
