@@ -10,8 +10,23 @@ The inner loop of NPBML minimises a meta-learned loss ``M(phi, psi)`` instead of
   CE(logits, argmax r) (1)]``, averaged over the query set. ``r`` comes from a frozen, separately
   pre-trained relation network (:mod:`npbml.relation`); query *labels* are never an input. It has
   its own weights (the reference code reuses the inductive network by mistake; we do not);
-* ``R``   - weight regulariser: an MLP on ``(mean, std, L1 norm, L2 norm)`` of each adapted
-  tensor (4 values per tensor), averaged over the tensors.
+* ``R``   - weight regulariser: ONE MLP on the concatenated ``(mean, std, mean |w|, RMS)`` of all
+  ``L`` adapted tensors (``4L`` inputs, paper: ``R^{4L} -> R``), so it can weight layers
+  differently. Without ``reg_tensors`` (e.g. a loss built before ``L`` is known) R is one 4-input
+  MLP per tensor, averaged (the variant this toolkit used before).
+
+Stability (a deviation from the paper, which is silent; METHODS.md sec. 3 "Stability"). Self-FiLM
+makes every loss-MLP layer quadratic in its input, and the paper feeds it raw logits and raw
+L1/L2 norms, which grow as the inner loop runs (the L1 norm of a 3x3x32x32 conv weight is ~470):
+a positive feedback that made a trained 20-way NPBML diverge (logits 1e3-1e5). So by default
+(``inputs="probs"``, ``reg_normalize=True``) every input of every loss MLP is bounded or
+per-element: softmax probabilities in ``[0, 1]`` instead of logits, ``tanh(CE)`` in ``[0, 1)``
+instead of CE, relation scores in ``[0, 1]``, and per-element weight statistics that do not
+grow with tensor size. The gradient of each learned term w.r.t. the logits is then bounded
+for any fixed loss-net weights (softmax and tanh have bounded derivatives). The inner loop adds
+a hard backstop, the gradient-norm safeguard of
+:class:`~npbml.algorithms.base.GradientLearner` (``inner_max_grad_norm``), which NPBML turns on.
+``inputs="logits"``, ``reg_normalize=False`` restore the paper's inputs.
 
 Each MLP is ``in -> 40 -> 40 -> 1`` with ReLU hidden units and a smooth leaky ReLU output
 ``phi(x) = g x + (1 - g) softplus_b(x)`` (g = 0.25, b = 5); every linear layer is FiLM-modulated
@@ -40,6 +55,8 @@ from npbml.film import FiLMLinear
 
 #: Names of the switchable terms, in the order of METHODS.md.
 TERMS = ("ce", "support", "query", "reg")
+#: What the L_S / L_Q networks read: bounded probabilities (default) or the paper's raw logits.
+INPUTS = ("probs", "logits")
 
 
 class LossMLP(nn.Module):
@@ -97,8 +114,16 @@ def weight_statistics(
     The std is the population std (correction 0; a 1-element tensor is fine) and std and L2 use
     ``sqrt(. + eps)``: the plain formulas have a 0/0 (NaN) gradient at constant or zero tensors,
     which occur at init (zero biases, a head expanded from one row). With ``normalize`` the
-    norms are divided by ``numel`` / ``sqrt(numel)`` (mean |w|, RMS) so that wide layers do not
-    dominate; the paper's R uses raw norms (default).
+    norms are divided by ``numel`` / ``sqrt(numel)`` (mean |w|, RMS), so no statistic grows with
+    the tensor's size; the paper's R uses raw norms (``normalize=False``).
+
+    Args:
+        params: the adapted tensors (a mapping in a fixed order, or a list).
+        normalize: per-element norms (mean |w|, RMS) instead of raw L1 / L2.
+        eps: added under the square roots.
+
+    Returns:
+        ``[T, 4]`` statistics, one row per tensor in order.
     """
     tensors = list(params.values()) if isinstance(params, Mapping) else list(params)
     if not tensors:
@@ -128,7 +153,12 @@ class TaskAdaptiveLoss(nn.Module):
         film: FiLM-modulate every loss-MLP layer by its own input.
         init_std: std of the initial weights (0.01; 0 gives ``M == CE`` exactly).
         center_output: subtract ``phi(0)`` from each MLP output (see module docstring).
-        reg_normalize: R reads mean-|w| and RMS instead of raw L1/L2 norms.
+        reg_normalize: R reads mean-|w| and RMS instead of raw L1/L2 norms (default; the
+            paper's raw norms grow with tensor size).
+        inputs: ``"probs"`` (default): L_S / L_Q read softmax probabilities and ``tanh(CE)``,
+            bounded; ``"logits"``: the paper's raw logits and CE (see the module docstring).
+        reg_tensors: number ``L`` of adapted tensors R reads: R is then ONE MLP over their
+            ``4L`` statistics (paper). None: one 4-input MLP per tensor, averaged.
 
     Call ``M(logits, targets, params=..., query_logits=..., relation_scores=...)``:
     ``logits [S, N]`` support logits, ``targets [S]`` support labels, ``params`` the adapted
@@ -150,21 +180,30 @@ class TaskAdaptiveLoss(nn.Module):
         film: bool = True,
         init_std: float = 0.01,
         center_output: bool = True,
-        reg_normalize: bool = False,
+        reg_normalize: bool = True,
+        inputs: str = "probs",
+        reg_tensors: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"TaskAdaptiveLoss needs num_classes >= 2, got {num_classes}")
         if not (use_ce or use_support or use_query or use_reg):
             raise ValueError("TaskAdaptiveLoss: every term is switched off; enable at least one")
+        if inputs not in INPUTS:
+            raise ValueError(f"TaskAdaptiveLoss: inputs must be one of {INPUTS}, got {inputs!r}")
+        if reg_tensors is not None and reg_tensors < 1:
+            raise ValueError(f"reg_tensors must be >= 1 (or None), got {reg_tensors}")
         self.num_classes = int(num_classes)
         self.use_ce = bool(use_ce)
         self.reg_normalize = bool(reg_normalize)
+        self.inputs = inputs
+        self.reg_tensors = int(reg_tensors) if reg_tensors is not None else None
         kw = dict(hidden=hidden, film=film, init_std=init_std, center_output=center_output)
         n = self.num_classes
         self.support_net = LossMLP(2 * n + 1, **kw) if use_support else None
         self.query_net = LossMLP(2 * n + 1, **kw) if use_query else None
-        self.reg_net = LossMLP(4, **kw) if use_reg else None
+        reg_in = 4 * self.reg_tensors if self.reg_tensors is not None else 4
+        self.reg_net = LossMLP(reg_in, **kw) if use_reg else None
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -184,27 +223,46 @@ class TaskAdaptiveLoss(nn.Module):
                 f"[batch, {self.num_classes}], got {tuple(logits.shape)}"
             )
 
-    def support_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``L_S``: mean over support examples of MLP([logits, one-hot y, CE])."""
-        onehot = F.one_hot(targets, self.num_classes).to(logits.dtype)
+    def _features(self, logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """``[scores (N), CE (1)]`` of one example each: softmax and ``tanh(CE)`` (bounded,
+        ``inputs="probs"``) or the paper's raw logits and CE."""
         ce = F.cross_entropy(logits, targets, reduction="none").unsqueeze(-1)
-        return self.support_net(torch.cat([logits, onehot, ce], dim=-1)).mean()
+        if self.inputs == "logits":
+            return [logits, ce]
+        return [logits.softmax(-1), torch.tanh(ce)]
+
+    def support_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``L_S``: mean over support examples of MLP([p or logits, one-hot y, CE])."""
+        assert self.support_net is not None
+        onehot = F.one_hot(targets, self.num_classes).to(logits.dtype)
+        scores, ce = self._features(logits, targets)
+        return self.support_net(torch.cat([scores, onehot, ce], dim=-1)).mean()
 
     def query_term(self, query_logits: torch.Tensor, relation_scores: torch.Tensor) -> torch.Tensor:
-        """``L_Q``: mean over query examples of MLP([logits, r, CE(logits, argmax r)])."""
+        """``L_Q``: mean over query examples of MLP([p or logits, r, CE(logits, argmax r)])."""
+        assert self.query_net is not None
         if relation_scores.shape != query_logits.shape:
             raise ValueError(
                 f"relation_scores {tuple(relation_scores.shape)} must match the query logits "
                 f"{tuple(query_logits.shape)} ([queries, ways])"
             )
         r = relation_scores.detach().to(query_logits.dtype)  # the relation network is frozen
-        pseudo = r.argmax(-1)
-        ce = F.cross_entropy(query_logits, pseudo, reduction="none").unsqueeze(-1)
-        return self.query_net(torch.cat([query_logits, r, ce], dim=-1)).mean()
+        scores, ce = self._features(query_logits, r.argmax(-1))
+        return self.query_net(torch.cat([scores, r, ce], dim=-1)).mean()
 
     def reg_term(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``R``: mean over adapted tensors of MLP(mean, std, L1, L2)."""
-        return self.reg_net(weight_statistics(params, self.reg_normalize)).mean()
+        """``R``: one MLP over the statistics of all adapted tensors (with ``reg_tensors``), or
+        the mean over tensors of a 4-input MLP."""
+        assert self.reg_net is not None
+        stats = weight_statistics(params, self.reg_normalize)
+        if self.reg_tensors is None:
+            return self.reg_net(stats).mean()
+        if stats.shape[0] != self.reg_tensors:
+            raise ValueError(
+                f"the joint regulariser R was built for {self.reg_tensors} adapted tensors, got "
+                f"{stats.shape[0]}; build TaskAdaptiveLoss with reg_tensors={stats.shape[0]}"
+            )
+        return self.reg_net(stats.reshape(-1))
 
     def forward(
         self,
@@ -246,4 +304,7 @@ class TaskAdaptiveLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, terms={self.terms}"
+        return (
+            f"num_classes={self.num_classes}, terms={self.terms}, inputs={self.inputs}, "
+            f"reg_tensors={self.reg_tensors}"
+        )

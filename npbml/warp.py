@@ -18,8 +18,12 @@ preconditioned by ``Omega Omega^T``. A 3x3 convolution acting on channels is blo
 spatial positions, so the induced preconditioner is block-diagonal too. With ``Omega = I``
 (``torch.nn.init.dirac_``) the update is exactly plain SGD; the tests check this.
 
-The warp here is a conv3x3 ``C -> C`` with no bias and no nonlinearity, optionally FiLM-modulated
-(``FiLM(Omega h; GAP(h))``) so the preconditioner is task-adaptive.
+The warp here is a conv3x3 ``C -> C`` with no bias and no nonlinearity, optionally followed by
+BatchNorm (batch statistics, as the reference code's conv -> BN -> FiLM warp block) and
+optionally FiLM-modulated (``FiLM(BN(Omega h); GAP(h))``) so the preconditioner is task-adaptive.
+Without BN and FiLM a Dirac warp is exactly the identity. With BN it standardises each channel
+over the batch, and the induced preconditioner also contains BN's (batch-dependent) Jacobian;
+the inner loop still never updates the warp.
 """
 
 from __future__ import annotations
@@ -39,10 +43,16 @@ class WarpLayer(nn.Module):
         film: FiLM-modulate the warp output (generator reads the pooled warp input).
         film_init_std: std of the FiLM generator's initial weights (0 -> exact identity).
         kernel_size: odd kernel size (3 in NPBML).
+        bn: BatchNorm (batch statistics, learnable affine) between the conv and FiLM.
     """
 
     def __init__(
-        self, channels: int, film: bool = True, film_init_std: float = 0.01, kernel_size: int = 3
+        self,
+        channels: int,
+        film: bool = True,
+        film_init_std: float = 0.01,
+        kernel_size: int = 3,
+        bn: bool = False,
     ) -> None:
         super().__init__()
         if channels <= 0:
@@ -52,6 +62,7 @@ class WarpLayer(nn.Module):
         self.channels = int(channels)
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=False)
         nn.init.dirac_(self.conv.weight)
+        self.bn = nn.BatchNorm2d(channels, track_running_stats=False) if bn else None
         self.film = FiLMGenerator(channels, channels, film_init_std) if film else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -61,9 +72,11 @@ class WarpLayer(nn.Module):
                 f"{tuple(h.shape)}; place warps after conv blocks with that many channels"
             )
         z = F.conv2d(h, self.conv.weight, padding=self.conv.padding)
+        if self.bn is not None:
+            z = self.bn(z)
         if self.film is not None:
             z = self.film.modulate(z, global_context(h))
         return z
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, film={self.film is not None}"
+        return f"channels={self.channels}, film={self.film is not None}, bn={self.bn is not None}"

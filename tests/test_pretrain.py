@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from npbml.algorithms.npbml import NPBML
+from npbml.algorithms.npbml import NPBML, build_npbml
 from npbml.checkpoint import CheckpointError
 from npbml.models import Conv4
 from npbml.pretrain import (
@@ -86,10 +86,13 @@ def test_pretrain_backbone_learns_and_keeps_best_weights(tmp_path):
     assert names and all(n.startswith("blocks.") for n in names)
     for n in names:
         assert torch.equal(other.state_dict()[n], model.state_dict()[n])
-    learner = NPBML(
+    learner = build_npbml(
         Conv4(hidden=4, image_size=16), loss_terms=("ce",), backbone_checkpoint=str(path)
     )
     torch.testing.assert_close(learner.network.blocks[0].conv.weight, model.blocks[0].conv.weight)
+    # The learner itself reads no files: naming a checkpoint to it directly is an error.
+    with pytest.raises(ValueError, match="build_npbml"):
+        NPBML(Conv4(hidden=4, image_size=16), loss_terms=("ce",), backbone_checkpoint=str(path))
     with pytest.raises(CheckpointError, match="does not fit"):
         load_backbone_weights(Conv4(hidden=8, image_size=16), path)
 
@@ -110,7 +113,9 @@ def test_relation_pretraining_roundtrip(tmp_path):
     path = save_relation(rel, tmp_path / "rel.pt")
     again = load_relation(path)
     torch.testing.assert_close(again(ep.support_x, ep.support_y, ep.query_x, 3), scores)
-    learner = NPBML(Conv4(hidden=4, image_size=16, num_classes=3), relation_checkpoint=str(path))
+    learner = build_npbml(
+        Conv4(hidden=4, image_size=16, num_classes=3), relation_checkpoint=str(path)
+    )
     assert learner.relation_net is not None
     with pytest.raises(CheckpointError, match="not a relation"):
         load_relation(save_backbone(Conv4(hidden=4, image_size=16), tmp_path / "b.pt", "conv4", {}))

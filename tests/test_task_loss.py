@@ -54,29 +54,75 @@ def test_default_init_is_close_to_ce():
     assert (g_m - g_ce).norm() < 0.05 * g_ce.norm()
 
 
-def test_terms_match_hand_written_inputs():
+def _hand_stats(params, per_element):
+    rows, eps = [], 1e-8  # weight_statistics takes square roots of (. + eps)
+    for a in (p.detach().double().numpy().ravel() for p in params.values()):
+        l1, l2 = np.abs(a).sum(), np.sqrt((a**2).sum() + eps)
+        if per_element:
+            l1, l2 = l1 / a.size, l2 / np.sqrt(a.size)
+        rows.append([a.mean(), np.sqrt(a.var() + eps), l1, l2])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("paper", [True, False], ids=["paper-inputs", "bounded-inputs"])
+def test_terms_match_hand_written_inputs(paper):
     torch.manual_seed(0)
     logits, targets, q_logits, scores, params = _inputs()
-    m = TaskAdaptiveLoss(N, init_std=0.3)
+    if paper:  # raw logits and CE, raw norms, one R network per tensor averaged
+        m = TaskAdaptiveLoss(N, init_std=0.3, inputs="logits", reg_normalize=False)
+    else:  # defaults: probabilities, tanh(CE), per-element statistics, one joint R
+        m = TaskAdaptiveLoss(N, init_std=0.3, reg_tensors=len(params))
     onehot = F.one_hot(targets, N).float()
     ce_s = F.cross_entropy(logits, targets, reduction="none")
-    l_s = m.support_net(torch.cat([logits, onehot, ce_s[:, None]], 1)).mean()
     pseudo = scores.argmax(1)
     ce_q = F.cross_entropy(q_logits, pseudo, reduction="none")
-    l_q = m.query_net(torch.cat([q_logits, scores, ce_q[:, None]], 1)).mean()
-    stats = torch.tensor(
-        [
-            [float(np.mean(a)), float(np.std(a)), float(np.abs(a).sum()), float(np.linalg.norm(a))]
-            for a in (p.detach().numpy().ravel() for p in params.values())
-        ]
-    )
-    r = m.reg_net(stats).mean()
+    if paper:
+        s_in, q_in = (logits, ce_s), (q_logits, ce_q)
+    else:
+        s_in = (torch.exp(logits - logits.logsumexp(1, keepdim=True)), torch.tanh(ce_s))
+        q_in = (torch.exp(q_logits - q_logits.logsumexp(1, keepdim=True)), torch.tanh(ce_q))
+    l_s = m.support_net(torch.cat([s_in[0], onehot, s_in[1][:, None]], 1)).mean()
+    l_q = m.query_net(torch.cat([q_in[0], scores, q_in[1][:, None]], 1)).mean()
+    stats = _hand_stats(params, per_element=not paper)
+    r = m.reg_net(stats).mean() if paper else m.reg_net(stats.reshape(-1))
+    assert m.reg_net.in_features == (4 if paper else 4 * len(params))
     expected = F.cross_entropy(logits, targets) + l_s + l_q + r
     torch.testing.assert_close(_call(m, logits, targets, q_logits, scores, params), expected)
     # The transductive network has its own weights.
     assert m.query_net is not m.support_net
     ids_s = {id(p) for p in m.support_net.parameters()}
     assert not ids_s & {id(p) for p in m.query_net.parameters()}
+
+
+def test_joint_regulariser_weights_tensors_differently_and_checks_their_count():
+    torch.manual_seed(0)
+    m = TaskAdaptiveLoss(N, use_ce=False, use_support=False, use_query=False, init_std=0.3,
+                         reg_tensors=2)
+    a, b = torch.randn(4, 3), torch.randn(6)
+    # A per-tensor average is symmetric in the tensors; the joint R is not.
+    assert not torch.allclose(m.reg_term({"a": a, "b": b}), m.reg_term({"a": b, "b": a}))
+    with pytest.raises(ValueError, match="reg_tensors=3"):
+        m.reg_term({"a": a, "b": b, "c": b})
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 1e3])
+def test_bounded_inputs_keep_the_learned_terms_gradient_bounded_for_large_logits(scale):
+    """With the default inputs the learned terms see only values in [0, 1], so their value and
+    their gradient w.r.t. the logits stay bounded however large the logits grow; with the
+    paper's raw logits they grow with the logits (the feedback behind the divergence)."""
+    torch.manual_seed(0)
+    logits, targets, q_logits, scores, params = _inputs()
+    out = {}
+    for inputs in ("probs", "logits"):
+        m = TaskAdaptiveLoss(N, use_ce=False, use_reg=False, init_std=0.1, inputs=inputs)
+        x = (logits.detach() * scale).requires_grad_(True)
+        q = (q_logits.detach() * scale).requires_grad_(True)
+        loss = _call(m, x, targets, q, scores, params)
+        gx, gq = torch.autograd.grad(loss, (x, q))
+        out[inputs] = (abs(loss.item()), gx.norm().item() + gq.norm().item())
+    assert out["probs"][0] < 1.0 and out["probs"][1] < 1.0
+    if scale >= 1e3:
+        assert out["logits"][0] > 100 * out["probs"][0]
 
 
 def test_query_term_depends_on_relation_scores_not_labels():

@@ -59,7 +59,10 @@ def test_npbml_with_dirac_warp_equals_sgd_without_warp(film):
     ep = _episode()
     torch.manual_seed(0)
     model = Conv4(hidden=4, image_size=16)
-    common = dict(loss_terms=("ce",), use_film=film, film_init_std=0.0, inner_steps=3, inner_lr=0.5)
+    common = dict(
+        loss_terms=("ce",), use_film=film, film_init_std=0.0, inner_steps=3, inner_lr=0.5,
+        warp_bn=False,  # the reference's conv -> BN -> FiLM warp is not an identity at init
+    )
     with_warp = NPBML(model, use_warp=True, **common)
     without = NPBML(model, use_warp=False, **common)
     assert any(n.startswith("warps.") for n, _ in with_warp.network.named_parameters())
@@ -76,7 +79,7 @@ def test_perturbed_warp_changes_the_update():
     ep = _episode()
     torch.manual_seed(0)
     model = Conv4(hidden=4, image_size=16)
-    common = dict(loss_terms=("ce",), use_film=False, inner_steps=2, inner_lr=0.5)
+    common = dict(loss_terms=("ce",), use_film=False, inner_steps=2, inner_lr=0.5, warp_bn=False)
     with_warp = NPBML(model, use_warp=True, **common)
     without = NPBML(model, use_warp=False, **common)
     with torch.no_grad():

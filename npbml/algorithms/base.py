@@ -24,6 +24,7 @@ weight_decay=0), ``"none"`` keeps no graph at all (test-time adaptation).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -63,6 +64,11 @@ class GradientLearner(nn.Module):
             (:mod:`npbml.layout`): the same values and gradients up to float rounding,
             1.07-1.29x faster per meta-iteration on CPU for learn2learn's OmniglotCNN
             (docs/benchmarks.md). Also settable later as an attribute.
+        inner_max_grad_norm: inner-step safeguard: each inner step's gradient is rescaled to at
+            most this global L2 norm (a non-finite one becomes a zero step), so no inner loss
+            can move the adapted weights by more than ``inner_lr`` times it per step (times the
+            momentum gain). Reported as ``metrics["inner_clipped"]``, the fraction of inner
+            steps it changed. None (default): off, the plain MAML family.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class GradientLearner(nn.Module):
         preconditioner: Preconditioner | None = None,
         inner_optimizer: Any | None = None,
         channels_last: bool = False,
+        inner_max_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -134,6 +141,15 @@ class GradientLearner(nn.Module):
         self._loss_sig: tuple[Any, bool | tuple[str, ...]] = (None, ())
         self.task_workers = 1
         self.channels_last = bool(channels_last)
+        if inner_max_grad_norm is not None and not inner_max_grad_norm > 0:
+            raise ValueError(
+                f"inner_max_grad_norm must be > 0 (or None for no safeguard), got "
+                f"{inner_max_grad_norm}"
+            )
+        self.inner_max_grad_norm = inner_max_grad_norm
+        # [clipped, steps] per thread: task-parallel workers adapt concurrently and each
+        # reports only its own tasks (a dict, unlike threading.local, survives deepcopy).
+        self._inner_counts: dict[int, list[int]] = {}
 
     # ----------------------------------------------------------------- construction hooks
     @staticmethod
@@ -280,13 +296,46 @@ class GradientLearner(nn.Module):
                     create_graph=create_graph,
                     materialize_grads=True,
                 )
-                grad_dict = dict(zip(names, grads))
+                grad_dict = self._safeguard(dict(zip(names, grads)))
                 if track:
                     params, state = opt.step(params, grad_dict, state)
                 else:
                     with torch.no_grad():
                         params, state = opt.step(params, grad_dict, state)
         return params
+
+    def _safeguard(self, grads: Params) -> Params:
+        """Inner-step safeguard: rescale the step's gradient to global L2 norm at most
+        ``inner_max_grad_norm`` (no-op when None), so one inner step moves the adapted weights by
+        at most ``inner_lr`` times that norm (times the momentum gain) whatever the inner loss;
+        a non-finite gradient becomes a skipped (zero) step. Counted per thread;
+        :meth:`pop_inner_counts` reads the count."""
+        if self.inner_max_grad_norm is None:
+            return grads
+        norm = torch.linalg.vector_norm(torch.stack([g.detach().norm() for g in grads.values()]))
+        counts = self._inner_counts.setdefault(threading.get_ident(), [0, 0])
+        counts[1] += 1
+        finite = bool(torch.isfinite(norm))
+        if finite and not bool(norm > self.inner_max_grad_norm):
+            return grads
+        counts[0] += 1
+        if not finite:
+            # A non-finite gradient skips the step instead of spreading NaN into the weights.
+            return {n: torch.zeros_like(g) for n, g in grads.items()}
+        scale = self.inner_max_grad_norm / norm
+        return {n: g * scale for n, g in grads.items()}
+
+    def pop_inner_counts(self) -> tuple[int, int]:
+        """``(clipped, steps)``: inner steps the safeguard rescaled, out of all inner steps,
+        in this thread since the last call (both 0 without a safeguard); resets them."""
+        clipped, steps = self._inner_counts.pop(threading.get_ident(), [0, 0])
+        return clipped, steps
+
+    def _add_clip_metric(self, metrics: Metrics, counts: Sequence[tuple[int, int]]) -> Metrics:
+        if self.inner_max_grad_norm is not None:
+            steps = sum(c[1] for c in counts)
+            metrics["inner_clipped"] = sum(c[0] for c in counts) / steps if steps else 0.0
+        return metrics
 
     # ----------------------------------------------------------------- outer loop
     @staticmethod
@@ -313,13 +362,15 @@ class GradientLearner(nn.Module):
         tasks = self._tasks(episode)
         total: torch.Tensor | None = None
         acc = 0.0
+        self.pop_inner_counts()
         for task in tasks:
             loss, logits = self.task_loss(task)
             total = loss if total is None else total + loss
             acc += _accuracy(logits, task.query_y)
         assert total is not None
         mean = total / len(tasks)
-        return mean, {"loss": float(mean.detach()), "accuracy": acc / len(tasks)}
+        metrics: Metrics = {"loss": float(mean.detach()), "accuracy": acc / len(tasks)}
+        return mean, self._add_clip_metric(metrics, [self.pop_inner_counts()])
 
     def meta_backward(self, episode: Episode, workers: int | None = None) -> Metrics:
         """Same gradient as ``outer_loss(episode)[0].backward()``, but back-propagates each task
@@ -336,18 +387,24 @@ class GradientLearner(nn.Module):
         if workers > 1 and len(tasks) > 1:
             return self._parallel_meta_backward(tasks, workers)
         loss_sum, acc = 0.0, 0.0
+        self.pop_inner_counts()
         for task in tasks:
             loss, logits = self.task_loss(task)
             (loss / len(tasks)).backward()
             loss_sum += float(loss.detach())
             acc += _accuracy(logits, task.query_y)
-        return {"loss": loss_sum / len(tasks), "accuracy": acc / len(tasks)}
+        metrics: Metrics = {"loss": loss_sum / len(tasks), "accuracy": acc / len(tasks)}
+        return self._add_clip_metric(metrics, [self.pop_inner_counts()])
 
     def _parallel_meta_backward(self, tasks: list[Episode], workers: int) -> Metrics:
         params = self.meta_parameters()
 
+        counts: list[tuple[int, int]] = []
+
         def task_fn(replica: nn.Module, task: Episode) -> tuple[torch.Tensor, float]:
+            replica.pop_inner_counts()
             loss, logits = replica.task_loss(task)
+            counts.append(replica.pop_inner_counts())  # list.append is atomic under the GIL
             return loss, _accuracy(logits, task.query_y)
 
         results = parallel_task_gradients(self, tasks, params, task_fn, workers, divisor=len(tasks))
@@ -359,10 +416,11 @@ class GradientLearner(nn.Module):
                     if g is not None:
                         p.grad = g.clone() if p.grad is None else p.grad + g
         n = len(tasks)
-        return {
+        metrics: Metrics = {
             "loss": sum(r[1] for r in results) / n,
             "accuracy": sum(r[2] for r in results) / n,
         }
+        return self._add_clip_metric(metrics, counts)
 
     def evaluate(self, episode: Episode, inner_steps: int | None = None) -> Metrics:
         """Test-time adaptation (no meta-gradient, no graph kept) with ``inner_steps``
@@ -375,6 +433,7 @@ class GradientLearner(nn.Module):
         )
         losses: list[float] = []
         accs: list[float] = []
+        self.pop_inner_counts()
         for task in self._tasks(episode):
             fast = self._adapt(task.support_x, task.support_y, steps, "none", task.query_x)
             with torch.no_grad():
@@ -382,12 +441,13 @@ class GradientLearner(nn.Module):
                 losses.append(float(F.cross_entropy(logits, task.query_y)))
             accs.append(_accuracy(logits, task.query_y))
         n = len(accs)
-        return {
+        metrics: Metrics = {
             "loss": sum(losses) / n,
             "accuracy": sum(accs) / n,
             "losses": losses,
             "accuracies": accs,
         }
+        return self._add_clip_metric(metrics, [self.pop_inner_counts()])
 
 
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

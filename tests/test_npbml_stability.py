@@ -1,0 +1,146 @@
+"""NPBML's learned inner loss cannot blow up the inner loop (issue 12; docs/npbml.md).
+
+The paper's inputs (raw logits, raw weight norms) and self-FiLM'd loss MLPs form a positive
+feedback: loss networks at init std 0.1 gave NaN adapted logits within 5 inner steps on 20-way
+episodes. By design, the default NPBML feeds its loss networks bounded inputs and clips every
+inner step's gradient norm; these tests check both mechanisms separately and together.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from npbml.algorithms import MAML
+from npbml.algorithms.npbml import NPBML
+from npbml.models import Conv4
+from npbml.relation import RelationNetwork
+from tasks.episode import Episode
+
+WAYS = 20
+
+
+def _episode(seed: int, ways: int = WAYS, queries: int = 1, size: int = 16) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    # Class-dependent images (a mean pattern per class plus noise), so the tasks are learnable.
+    means = torch.rand(ways, 1, size, size, generator=g)
+    sx = means + 0.3 * torch.randn(ways, 1, size, size, generator=g)
+    qy = torch.arange(ways).repeat(queries)
+    qx = means[qy] + 0.3 * torch.randn(len(qy), 1, size, size, generator=g)
+    return Episode(sx, torch.arange(ways), qx, qy, torch.arange(ways))
+
+
+def _npbml(std: float, seed: int = 0, hidden: int = 8, size: int = 16, **kw) -> NPBML:
+    torch.manual_seed(seed)
+    model = Conv4(hidden=hidden, image_size=size, num_classes=WAYS)
+    rel = RelationNetwork(channels=hidden, in_channels=1)
+    return NPBML(model, relation_net=rel, loss_init_std=std, film_init_std=std, **kw)
+
+
+def _adapted_logits(learner: NPBML, ep: Episode) -> torch.Tensor:
+    fast = learner.adapt_task(ep, mode="none")
+    with torch.no_grad():
+        return learner(ep.query_x, fast)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(std=st.floats(0.01, 0.1), seed=st.integers(0, 10_000))
+def test_adapted_logits_stay_finite_and_small_for_any_ordinary_loss_net_scale(std, seed):
+    # Conv4-32 on 28x28, 20-way: the setting in which the paper's inputs diverge (below).
+    learner = _npbml(std, seed=seed % 7, hidden=32, size=28)
+    logits = _adapted_logits(learner, _episode(seed, size=28))
+    assert torch.isfinite(logits).all()
+    assert logits.abs().max() < 100
+
+
+def test_the_paper_inputs_without_the_safeguard_do_diverge():
+    """The property above is not vacuous: the paper's raw inputs, no safeguard, std 0.1."""
+    learner = _npbml(0.1, hidden=32, size=28, loss_inputs="logits", reg_normalize=False,
+                     reg_joint=False, inner_max_grad_norm=None)
+    logits = _adapted_logits(learner, _episode(0, size=28))
+    assert not torch.isfinite(logits).all() or logits.abs().max() > 100
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_safeguard_bounds_every_step_even_for_an_exploding_loss(scale):
+    """The backstop alone: paper inputs and loss-net weights far beyond the ordinary scale.
+    Plain SGD (no momentum) makes the bound exact: ||theta_{j+1} - theta_j|| <= lr * c."""
+    c, lr = 2.0, 0.05
+    learner = _npbml(0.1, loss_inputs="logits", reg_normalize=False, reg_joint=False,
+                     inner_max_grad_norm=c, momentum=0.0, nesterov=False, weight_decay=0.0,
+                     inner_lr=lr, inner_steps=4)
+    with torch.no_grad():
+        for p in learner.inner_loss.parameters():
+            p.mul_(scale)
+    ep = _episode(1)
+    path = [learner.initial_params()]
+    for steps in range(1, 5):
+        path.append(learner._adapt(ep.support_x, ep.support_y, steps, "none", ep.query_x))
+    for a, b in zip(path, path[1:]):
+        step = math.sqrt(sum(float((b[n] - a[n].detach()).pow(2).sum()) for n in a))
+        assert step <= lr * c * (1 + 1e-5)
+    assert all(torch.isfinite(t).all() for t in path[-1].values())
+
+
+def test_safeguard_matches_a_hand_clipped_sgd_step_and_is_counted():
+    """One MAML step with the safeguard equals theta - lr * g * min(1, c / ||g||)."""
+    torch.manual_seed(0)
+    model = Conv4(hidden=4, image_size=16, num_classes=5)
+    ep = _episode(2, ways=5)
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(torch.func.functional_call(model, params, (ep.support_x,)), ep.support_y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    for c in (norm / 4, norm * 4):  # acting, and not acting
+        learner = MAML(model, inner_lr=0.3, inner_steps=1, inner_max_grad_norm=c)
+        fast = learner.adapt(ep.support_x, ep.support_y)
+        factor = min(1.0, c / norm)
+        for (n, p), g in zip(params.items(), grads):
+            torch.testing.assert_close(fast[n], p - 0.3 * g * factor, rtol=1e-5, atol=1e-6)
+        metrics = learner.evaluate(ep, inner_steps=1)
+        assert metrics["inner_clipped"] == (1.0 if c < norm else 0.0)
+    assert "inner_clipped" not in MAML(model).evaluate(ep)
+
+
+def test_safeguard_turns_a_nonfinite_step_into_no_step():
+    learner = _npbml(0.01, weight_decay=0.0)
+    with torch.no_grad():
+        learner.inner_loss.support_net.layers[0].linear.weight.fill_(float("nan"))
+    ep = _episode(3)
+    fast = learner.adapt_task(ep, mode="none")
+    init = learner.initial_params()
+    for n in fast:
+        assert torch.isfinite(fast[n]).all()
+    # Every step was skipped (zero gradients, no weight decay): nothing moved.
+    assert all(torch.equal(fast[n], init[n].detach()) for n in fast)
+    assert learner.pop_inner_counts() == (5, 5)
+
+
+def test_metrics_report_the_clipped_fraction_in_training_and_in_parallel():
+    learner = _npbml(0.01, inner_max_grad_norm=1e-3)  # acts at every step
+    batch = Episode.stack([_episode(4), _episode(5)])
+    _, metrics = learner.outer_loss(batch)
+    assert metrics["inner_clipped"] == 1.0
+    assert learner.meta_backward(batch, workers=2)["inner_clipped"] == 1.0
+    relaxed = _npbml(0.01, inner_max_grad_norm=1e6)
+    assert relaxed.meta_backward(batch)["inner_clipped"] == 0.0
+
+
+def test_reference_adapted_set_and_joint_regulariser():
+    learner = _npbml(0.01)
+    films = {n for n, _ in learner.network.named_parameters() if n.startswith("films.3.")}
+    assert films and set(learner.adapted_names) == {
+        "blocks.3.conv.weight", "head.weight", "head.bias", *films
+    }
+    assert not any("bias" in n and n.startswith("blocks.") for n in learner.adapted_names)
+    assert not any(".bn." in n for n in learner.adapted_names)
+    with_bn = _npbml(0.01, adapt_bn=True)
+    assert {"blocks.3.bn.weight", "blocks.3.bn.bias"} <= set(with_bn.adapted_names)
+    # R is one MLP over the 4 statistics of every adapted tensor (paper: R^{4L} -> R).
+    reg = learner.inner_loss.reg_net
+    assert reg.in_features == 4 * len(learner.adapted_names)
+    # The warp block is conv -> BN -> FiLM (reference code).
+    assert learner.network.warps["3"].bn is not None
