@@ -113,11 +113,14 @@ class FiLMGenerator(nn.Module):
         return f"in_features={self.in_features}, num_features={self.num_features}"
 
 
-Modulate = Callable[[torch.Tensor], torch.Tensor]
+Modulate = Callable[..., torch.Tensor]  # modulate(h, k=0): FiLM point k of the block
 BlockForward = Callable[[nn.Module, torch.Tensor, Modulate], torch.Tensor]
 
 #: ``type -> f(block, x, modulate)``: how to run a block with FiLM applied at the right place.
 _FILM_FORWARDS: dict[type, BlockForward] = {}
+#: ``type -> (f, points)``: the variant with one FiLM per conv (``points`` of them, each with its
+#: own gamma/beta), the reference code's placement for residual blocks.
+_FILM_PER_CONV: dict[type, tuple[BlockForward, int]] = {}
 
 
 def register_film_forward(block_type: type, fn: BlockForward) -> None:
@@ -158,14 +161,38 @@ def _residual_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulat
     return block.dropout(block.pool(h))
 
 
-def _film_forward_for(block: nn.Module) -> BlockForward | None:
+def _residual_per_conv_forward(
+    block: nn.Module, x: torch.Tensor, modulate: Modulate
+) -> torch.Tensor:
+    # npbml.models.ResidualBlock with FiLM after each of the three BNs of the main path (the NPBML
+    # reference code's AdaResNet: one FiLM per conv).
+    h = block.act(modulate(block.bn1(block.conv1(x)), 0))
+    h = block.act(modulate(block.bn2(block.conv2(h)), 1))
+    h = modulate(block.bn3(block.conv3(h)), 2)
+    h = block.act(h + block.shortcut(x))
+    return block.dropout(block.pool(h))
+
+
+def _register_defaults() -> None:
     if not _FILM_FORWARDS:
         from npbml.models import ConvBlock, ResidualBlock  # lazy: models never import film
 
         register_film_forward(nn.Sequential, _sequential_forward)
         register_film_forward(ConvBlock, _conv_block_forward)
         register_film_forward(ResidualBlock, _residual_block_forward)
+        _FILM_PER_CONV[ResidualBlock] = (_residual_per_conv_forward, 3)
+
+
+def _film_forward_for(block: nn.Module) -> BlockForward | None:
+    _register_defaults()
     return _FILM_FORWARDS.get(type(block))
+
+
+def film_points(block: nn.Module, per_conv: bool = False) -> int:
+    """How many FiLM points (gamma/beta pairs of ``out_channels`` each) ``block`` gets: 1, or
+    with ``per_conv`` one per conv of the main path for block types that support it."""
+    _register_defaults()
+    return _FILM_PER_CONV[type(block)][1] if per_conv and type(block) in _FILM_PER_CONV else 1
 
 
 def block_channels(block: nn.Module) -> tuple[int, int]:
@@ -231,12 +258,19 @@ def film_block_forward(block: nn.Module, generator: FiLMGenerator, x: torch.Tens
     """Run ``block`` on ``x`` with FiLM from ``generator`` (context: pooled ``x``), placed as
     described in :class:`FiLMBlock`. The functional core of FiLMBlock, for composite networks
     that keep blocks and generators in separate containers."""
-    context = global_context(x)
+    gamma, beta = generator(global_context(x))
+    width = gamma.shape[-1]
 
-    def modulate(h: torch.Tensor) -> torch.Tensor:
-        return generator.modulate(h, context)
+    def modulate(h: torch.Tensor, k: int = 0) -> torch.Tensor:
+        c = h.shape[1] if h.dim() > 2 else h.shape[-1]
+        if c == width:
+            return film(h, gamma, beta)
+        return film(h, gamma[..., k * c : (k + 1) * c], beta[..., k * c : (k + 1) * c])
 
     fn = _film_forward_for(block)
+    per_conv = _FILM_PER_CONV.get(type(block))
+    if per_conv is not None and width == per_conv[1] * block_channels(block)[1]:
+        fn = per_conv[0]
     if fn is None:
         return modulate(block(x))
     return fn(block, x, modulate)

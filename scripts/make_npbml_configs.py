@@ -4,7 +4,10 @@ Reference settings (Raymond et al., arXiv 2406.07983, and their code; METHODS.md
 supervised pre-training, then Adam 1e-5 with cosine decay to 1e-6 for 30,000 meta-steps,
 meta-batch 4 (1-shot) / 2 (5-shot), inner SGD with Nesterov 0.9, weight decay 5e-4, lr 0.01,
 5 steps at meta-train and meta-test, the last block (+ FiLM) and the head adapt, validation on
-600 tasks every 500 steps keeping the best checkpoint.
+600 tasks every 500 steps keeping the best checkpoint. Backbones as the reference code:
+4-CONV-48 without conv biases and with a global-average-pooled 48-d head (not 5x5x48 flattened),
+ResNet-12 [64, 128, 256, 512] (AdaResNet) with one FiLM per conv of the adapted block
+(NPBMLOptions' default). docs/npbml.md lists the remaining deviations.
 
     python scripts/make_npbml_configs.py   # writes configs/npbml_<data>_5w<k>s_<backbone>.yaml
 """
@@ -30,8 +33,11 @@ DATASETS = {
     "fc100": ("fc100", 32, {"conv4": (40.56, 53.48), "resnet12": (43.63, 59.85)}),
 }
 MODELS = {
-    "conv4": {"name": "conv4", "options": {"hidden": 48, "variant": "maxpool"}},
-    "resnet12": {"name": "resnet12", "options": {"channels": [64, 160, 320, 640]}},
+    "conv4": {
+        "name": "conv4",
+        "options": {"hidden": 48, "variant": "maxpool", "pool": "avg", "conv_bias": False},
+    },
+    "resnet12": {"name": "resnet12", "options": {"channels": [64, 128, 256, 512]}},
 }
 
 

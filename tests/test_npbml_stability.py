@@ -144,3 +144,47 @@ def test_reference_adapted_set_and_joint_regulariser():
     assert reg.in_features == 4 * len(learner.adapted_names)
     # The warp block is conv -> BN -> FiLM (reference code).
     assert learner.network.warps["3"].bn is not None
+
+
+def test_conv4_reference_options_gap_head_and_no_conv_bias():
+    torch.manual_seed(0)
+    model = Conv4(in_channels=3, hidden=48, image_size=84, pool="avg", conv_bias=False)
+    assert model.head.in_features == 48  # reference: global average pool, not 5x5x48 = 1200
+    assert all(b.conv.bias is None for b in model.blocks)
+    x = torch.randn(2, 3, 84, 84)
+    torch.testing.assert_close(model.features(x), model.blocks(x).mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="pool"):
+        Conv4(variant="strided", pool="flatten")
+    # The conv bias feeds BatchNorm (batch statistics), which removes it: same output without.
+    with_bias = Conv4(hidden=4, image_size=16)
+    without = Conv4(hidden=4, image_size=16, conv_bias=False)
+    without.load_state_dict(
+        {k: v for k, v in with_bias.state_dict().items() if not k.endswith("conv.bias")}
+    )
+    with torch.no_grad():
+        for b in with_bias.blocks:
+            b.conv.bias.normal_()
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(with_bias(x), without(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet12_film_per_conv_matches_a_hand_written_block_forward():
+    from npbml.models import ResNet12
+
+    torch.manual_seed(0)
+    model = ResNet12(in_channels=1, channels=(2, 3, 4, 5), image_size=16, num_classes=WAYS)
+    learner = NPBML(model, loss_terms=("ce",), film_init_std=0.3, inner_steps=1)
+    gen, block = learner.network.films["3"], learner.network.blocks[3]
+    assert gen.num_features == 3 * 5  # one gamma/beta pair per conv of the adapted block
+    one = NPBML(model, loss_terms=("ce",), film_per_conv=False)
+    assert one.network.films["3"].num_features == 5
+    x = torch.randn(4, 4, 2, 2)
+    gamma, beta = gen(x.mean(dim=(2, 3)))
+    g = [(1 + gamma[:, 5 * k : 5 * (k + 1), None, None], beta[:, 5 * k : 5 * (k + 1), None, None])
+         for k in range(3)]
+    h = block.act(g[0][0] * block.bn1(block.conv1(x)) + g[0][1])
+    h = block.act(g[1][0] * block.bn2(block.conv2(h)) + g[1][1])
+    h = g[2][0] * block.bn3(block.conv3(h)) + g[2][1]
+    expected = block.dropout(block.pool(block.act(h + block.shortcut(x))))
+    warp = learner.network.warps["3"]
+    torch.testing.assert_close(learner.network.block_forward(3, x), warp(expected))

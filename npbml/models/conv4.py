@@ -29,15 +29,17 @@ class ConvBlock(nn.Module):
         stride: int = 1,
         pool: bool = True,
         track_running_stats: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
         self.bn = nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         # MAML's reference initialisation: Xavier-uniform conv weights, zero biases.
         nn.init.xavier_uniform_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.relu(self.bn(self.conv(x))))
@@ -49,6 +51,11 @@ class Conv4(nn.Module):
     ``variant="maxpool"``: stride-1 convs and 2x2 max-pooling, flattened features
     (``hidden * s * s`` with ``s = image_size // 16``, e.g. 64 for 28x28, 1600 for 84x84).
     ``variant="strided"``: stride-2 convs, no pooling, features averaged over space (``hidden``).
+    ``pool="avg"`` averages the maxpool variant's last maps over space too (``hidden``
+    features: the NPBML reference code's global-average-pooled head, 48-d at 84x84 instead of
+    1200-d); ``pool="flatten"`` flattens them. Default: ``"flatten"`` for maxpool, ``"avg"`` for
+    strided. ``conv_bias=False`` drops the conv biases, which the BatchNorm after each conv
+    cancels anyway (NPBML's reference code has none; MAML's and learn2learn's have them).
     """
 
     def __init__(
@@ -59,10 +66,19 @@ class Conv4(nn.Module):
         image_size: int = 28,
         variant: str = "maxpool",
         track_running_stats: bool = False,
+        pool: str | None = None,
+        conv_bias: bool = True,
     ) -> None:
         super().__init__()
         if variant not in ("maxpool", "strided"):
             raise ValueError(f"Conv4 variant must be 'maxpool' or 'strided', got {variant!r}")
+        strided = variant == "strided"
+        pool = pool or ("avg" if strided else "flatten")
+        if pool not in ("flatten", "avg") or (strided and pool != "avg"):
+            raise ValueError(
+                f"Conv4 pool must be 'flatten' or 'avg' (only 'avg' for variant='strided'), got "
+                f"{pool!r}"
+            )
         for name, v in (
             ("in_channels", in_channels),
             ("num_classes", num_classes),
@@ -71,7 +87,6 @@ class Conv4(nn.Module):
         ):
             if int(v) < 1:
                 raise ValueError(f"Conv4 {name} must be a positive integer, got {v!r}")
-        strided = variant == "strided"
         side = int(image_size)
         if not strided:
             for _ in range(4):
@@ -82,6 +97,7 @@ class Conv4(nn.Module):
                     f"{image_size}; use a larger image or variant='strided'"
                 )
         self.variant = variant
+        self.pool = pool
         self.hidden = int(hidden)
         self.image_size = int(image_size)
         chans = [int(in_channels)] + [self.hidden] * 4
@@ -93,11 +109,12 @@ class Conv4(nn.Module):
                     stride=2 if strided else 1,
                     pool=not strided,
                     track_running_stats=track_running_stats,
+                    bias=conv_bias,
                 )
                 for i in range(4)
             )
         )
-        self.feature_dim = self.hidden if strided else self.hidden * side * side
+        self.feature_dim = self.hidden if pool == "avg" else self.hidden * side * side
         self.head = nn.Linear(self.feature_dim, int(num_classes))
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -107,7 +124,7 @@ class Conv4(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"Conv4 expects images [batch, C, H, W], got shape {tuple(x.shape)}")
         h = self.blocks(x)
-        if self.variant == "strided":
+        if self.pool == "avg":
             return h.mean(dim=(2, 3))
         return h.flatten(1)
 

@@ -367,6 +367,7 @@ def _build_network(
         film_init_std=opts.film_init_std,
         head_row=opts.head_init == "row",
         warp_bn=opts.warp_bn,
+        film_per_conv=opts.film_per_conv,
     )
     # Frozen leading FiLM generators would stay at their init forever: drop them from
     # the FiLM'd blocks by freezing them together with their block.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from npbml.film import FiLMGenerator, block_channels, film_block_forward
+from npbml.film import FiLMGenerator, block_channels, film_block_forward, film_points
 from npbml.params import match_names
 from npbml.warp import WarpLayer
 
@@ -75,6 +75,7 @@ class NPBMLNetwork(nn.Module):
         film_init_std: float = 0.01,
         head_row: bool = False,
         warp_bn: bool = False,
+        film_per_conv: bool = False,
     ) -> None:
         super().__init__()
         blocks = getattr(model, "blocks", None)
@@ -91,7 +92,7 @@ class NPBMLNetwork(nn.Module):
         warp_idx = sorted({self._index(i, n, "warp_after") for i in warp_after})
         self.films = nn.ModuleDict(
             {
-                str(i): FiLMGenerator(*block_channels(blocks[i]), init_std=film_init_std)
+                str(i): _generator(blocks[i], film_per_conv, film_init_std)
                 for i in film_idx
             }
         )
@@ -144,6 +145,13 @@ class NPBMLNetwork(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Logits; ``start > 0`` means ``x`` is the (precomputed) input of block ``start``."""
         return self.head(self.reduce(self.run_blocks(x, start)))
+
+
+def _generator(block: nn.Module, per_conv: bool, init_std: float) -> FiLMGenerator:
+    """FiLM generator of one block: reads the pooled block input, one gamma/beta pair per FiLM
+    point (one per conv of a residual block with ``per_conv``, as the reference code)."""
+    c_in, c_out = block_channels(block)
+    return FiLMGenerator(c_in, film_points(block, per_conv) * c_out, init_std=init_std)
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

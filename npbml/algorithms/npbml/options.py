@@ -55,6 +55,8 @@ class NPBMLOptions:
         use_film: FiLM in the encoder (``film_blocks``, default every block not frozen), the
             warps and the loss MLPs.
         film_blocks: block indices with FiLM (None: every block not frozen).
+        film_per_conv: one FiLM after each conv's BatchNorm in residual blocks (reference
+            AdaResNet); False: one per block, after its last BN (TADAM's placement).
         use_warp: warp layers (the meta-learned preconditioner omega) after ``warp_after``.
         warp_after: block indices followed by a warp (default the last, as the reference).
         warp_bn: the warp is conv -> BatchNorm -> FiLM (reference code); False: conv -> FiLM,
@@ -89,6 +91,7 @@ class NPBMLOptions:
     inner_max_grad_norm: float | None = 10.0
     use_film: bool = True
     film_blocks: list[int] | None = None
+    film_per_conv: bool = True
     use_warp: bool = True
     warp_after: list[int] = field(default_factory=lambda: [-1])
     warp_bn: bool = True
