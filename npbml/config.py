@@ -1,6 +1,11 @@
-"""Experiment configuration: YAML files validated into nested dataclasses.
+"""Configuration: YAML files validated into nested dataclasses, with one validator for all.
 
-A config file has one mapping per section (``data``, ``model``, ``algorithm``, ``train``,
+:func:`build_dataclass` checks every key and type of a mapping against a dataclass; it validates
+the experiment config (:class:`Config`, ``npbml train``/``eval``/``demo``/``pretrain``), the
+supervised-training config (:class:`FitConfig`, ``npbml fit``; :mod:`npbml.fit` re-exports it)
+and the EvoMAL search config (:class:`npbml.evomal.config.EvolveConfig`, ``npbml evolve``).
+
+An experiment config file has one mapping per section (``data``, ``model``, ``algorithm``, ``train``,
 ``eval``); every key is checked against the section's dataclass, so a typo fails loudly::
 
     unknown key 'inner_lrr' in section 'algorithm'; valid keys: eval_inner_steps, first_order, ...
@@ -13,10 +18,9 @@ Extending it (later issues):
   the section defaults.
 - **Algorithm-, model- or dataset-specific settings** go in the section's ``options`` mapping, which
   is passed as keyword arguments to the factory (``build_algorithm(name, model, ..., **options)``).
-  ``options`` is free-form by default; a component that wants its options validated registers a
-  dataclass with :func:`register_options`, e.g. ``register_options("algorithm", "npbml",
-  NPBMLOptions)``; then unknown or mistyped option keys fail like any other key and defaults are
-  filled in.
+  ``options`` is free-form by default; a component that wants its options validated has an
+  entry in :data:`OPTION_SCHEMAS` (e.g. ``("algorithm", "npbml"): NPBMLOptions``); then unknown
+  or mistyped option keys fail like any other key and defaults are filled in.
 
 Command-line overrides ``--set section.key=value`` are applied to the raw mapping *before*
 validation (so they get the same checks); ``value`` is parsed with ``yaml.safe_load``
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from npbml.algorithms.npbml import NPBMLOptions
 
 
 class ConfigError(ValueError):
@@ -170,44 +176,41 @@ class Config:
 # Per-component option schemas
 # ---------------------------------------------------------------------------------------------
 
-# (section, component name) -> dataclass validating that section's ``options``.
-_OPTION_SCHEMAS: dict[tuple[str, str], type] = {}
-
-# Modules whose import registers option schemas; imported (once) before the first validation, so
-# a schema applies even when nothing else has imported its module yet.
-OPTION_SCHEMA_MODULES: list[str] = ["npbml.algorithms", "npbml.algorithms.npbml"]
-
-
-def _import_schema_modules() -> None:
-    import importlib
-
-    for name in OPTION_SCHEMA_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # a missing dependency inside the module is a real error
-                raise
+# (section, component name) -> dataclass validating that section's ``options`` whenever
+# ``<section>.name == name``; after validation ``options`` holds every field of the dataclass
+# (defaults filled in) as a dict. Other components' options stay free-form. An explicit list: a
+# component with validated options adds its entry here.
+OPTION_SCHEMAS: dict[tuple[str, str], type] = {
+    ("algorithm", "npbml"): NPBMLOptions,
+}
 
 
 def register_options(section: str, name: str, schema: type) -> None:
-    """Validate ``<section>.options`` with dataclass ``schema`` whenever ``<section>.name == name``.
+    """Add an entry to :data:`OPTION_SCHEMAS` at run time (for experiments and tests; the
+    toolkit's own components are listed in the mapping itself).
 
-    After validation, ``options`` holds every field of ``schema`` (defaults filled in) as a dict.
+    Args:
+        section: the config section (``"algorithm"``, ``"model"``, ``"data"``).
+        name: the component's name in that section.
+        schema: a dataclass whose fields are the valid options.
+
+    Raises:
+        TypeError: ``schema`` is not a dataclass.
     """
     if not dataclasses.is_dataclass(schema):
         raise TypeError(f"options schema for {section}/{name} must be a dataclass, got {schema!r}")
-    _OPTION_SCHEMAS[(section, name)] = schema
+    OPTION_SCHEMAS[(section, name)] = schema
 
 
 def _validate_options(cfg: Config) -> None:
-    _import_schema_modules()
+    """Validate each section's ``options`` with its :data:`OPTION_SCHEMAS` entry, if any."""
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         name, options = getattr(section, "name", None), getattr(section, "options", None)
-        schema = _OPTION_SCHEMAS.get((f.name, name))
+        schema = OPTION_SCHEMAS.get((f.name, name))
         if schema is None or options is None:
             continue
-        obj = _build(schema, options, f"{f.name}.options", f"{f.name}.options ({name})")
+        obj = build_dataclass(schema, options, f"{f.name}.options", f"{f.name}.options ({name})")
         section.options = dataclasses.asdict(obj)
 
 
@@ -259,7 +262,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _Mismatch
     if dataclasses.is_dataclass(tp):
         if isinstance(value, Mapping):
-            return _build(tp, value, key, key)
+            return build_dataclass(tp, value, key)
         raise _Mismatch
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
@@ -301,9 +304,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config field {key}: unsupported annotation {tp!r}")
 
 
-def _build(cls: type, data: Any, section: str, label: str | None = None) -> Any:
-    """Instantiate dataclass ``cls`` from mapping ``data``, checking every key and type."""
-    label = label or section
+def build_dataclass(cls: type, data: Any, section: str = "", label: str | None = None) -> Any:
+    """Instantiate dataclass ``cls`` from mapping ``data``, checking every key and type.
+
+    The one validator of experiment, fit and evolve configs (and of registered ``options``
+    schemas). Nested dataclass fields are built recursively; ``None`` counts as an empty mapping.
+
+    Args:
+        cls: the dataclass to build; its type hints are the schema.
+        data: the mapping read from YAML (or ``None``).
+        section: dotted path of ``data`` in the whole config (``""`` at the top), used to name
+            keys in error messages (``train.meta_lr``).
+        label: how the section is named in messages about its keys (default: ``section``).
+
+    Returns:
+        An instance of ``cls``; missing keys keep the dataclass defaults.
+
+    Raises:
+        ConfigError: ``data`` is not a mapping, holds a key ``cls`` does not have (the message
+            lists the valid keys), or a value of the wrong type (the message names the key and
+            the expected type).
+    """
+    label = section if label is None else label
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -316,19 +338,28 @@ def _build(cls: type, data: Any, section: str, label: str | None = None) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            if label:
-                msg = f"unknown key {key!r} in section {label!r}; valid keys: "
-            else:
-                msg = f"unknown section {key!r}; valid sections: "
-            raise ConfigError(msg + ", ".join(sorted(names)))
+            raise ConfigError(_unknown_key_message(key, label, names, hints))
         path = f"{section}.{key}" if section else str(key)
         try:
             kwargs[key] = _coerce(value, hints[key], path)
         except _Mismatch:
             raise ConfigError(
-                f"{path}: expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}"
+                f"{path} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}"
             ) from None
     return cls(**kwargs)
+
+
+def _unknown_key_message(key: Any, label: str, names: list[str], hints: dict[str, Any]) -> str:
+    """``unknown key 'x' in section 's'; valid keys: ...``; at the top level, plain keys and
+    sections (dataclass-valued keys) are listed apart, as a file shows them."""
+    if label:
+        return f"unknown key {key!r} in section {label!r}; valid keys: {', '.join(sorted(names))}"
+    sections = sorted(n for n in names if dataclasses.is_dataclass(hints[n]))
+    plain = sorted(n for n in names if n not in sections)
+    if not plain:
+        return f"unknown section {key!r}; valid sections: {', '.join(sections)}"
+    msg = f"unknown config key {key!r}; valid keys: {', '.join(plain)}"
+    return msg + (f"; valid sections: {', '.join(sections)}" if sections else "")
 
 
 def _check_values(cfg: Config) -> None:
@@ -380,9 +411,180 @@ def _check_values(cfg: Config) -> None:
 
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:
     """Validate a nested mapping (as read from YAML) into a :class:`Config`."""
-    cfg = _build(Config, data or {}, "", "")
+    cfg = build_dataclass(Config, data or {})
     _validate_options(cfg)
     _check_values(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit configs (``npbml fit``: ordinary supervised training, :mod:`npbml.fit`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitDataConfig:
+    """``kind="omniglot"``: the Omniglot ``splits`` under ``root`` (characters present in several
+    splits are kept once), each class split into train / ``val_per_class`` / ``test_per_class``
+    images; ``first_classes=K`` keeps only the first ``K`` classes in split order (e.g. 20:
+    Balinese characters 1-20 of ``background_small1``), a few-class problem from the same data.
+    ``kind="arrays"``: an ``.npz`` at ``path`` with ``x`` and ``y`` (integer ``y`` for
+    classification, float for regression) split by ``val_fraction`` / ``test_fraction``."""
+
+    kind: Literal["omniglot", "arrays"] = "omniglot"
+    root: str | None = None
+    splits: list[str] = field(default_factory=lambda: ["background_small1", "background_small2"])
+    image_size: int = 28
+    val_per_class: int = 3
+    test_per_class: int = 3
+    first_classes: int | None = None
+    path: str | None = None
+    task: Literal["classification", "regression"] = "classification"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class FitModelConfig:
+    """``name``: ``conv4``/``resnet12`` (:func:`npbml.models.build_model`) or ``mlp``
+    (``hidden`` widths, ReLU). ``options`` go to the model's constructor."""
+
+    name: str = "conv4"
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitOptimConfig:
+    """Base optimizer and learning-rate schedule (per epoch). AdaLFL needs ``name="sgd"``."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_size: int = 10
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class FitLossConfig:
+    """``name``: ``ce``, ``label_smoothing``, ``sparse_lsr``, ``learned``, ``ml3``, ``adalfl``,
+    ``evolved``.
+
+    Learned losses (``learned``, ``ml3``, ``adalfl``): ``hidden``, ``output_activation`` and
+    ``init`` (PyTorch's ``"default"``, or ``"kaiming"`` as the AdaLFL reference code) shape the
+    loss network; ``inputs`` (``"prob"``, the papers' softmax input, or ``"log_prob"``, this
+    toolkit's option against the ``O(1/C)`` gradient scale of the papers' form,
+    :class:`~npbml.losses.LearnedLoss`);
+    ``ce_warm_start=k > 0`` (also a toolkit option, not in the papers) first regresses the loss
+    network onto cross-entropy for ``k`` Adam steps
+    (:func:`npbml.loss_learning.warm_start.regress_to_cross_entropy`), so that meta-learning
+    starts from a loss that trains the model; ``checkpoint`` optionally loads its
+    ``state_dict``. ``offline_steps`` ML3 meta steps (``ml3``: required; ``adalfl``: its
+    phase-1 initialisation) run on a copy of the model with the base optimizer unrolled, one
+    model continued throughout unless ``reset_every=k``
+    (a fresh copy of the initial model every ``k`` steps); ``meta_lr`` is the Adam rate of the
+    loss network, ``meta_batch`` what feeds the meta-objective (``"next"`` / another training
+    batch, ``"validation"``, or ``"same"``: the batch of the inner step itself, as ML3's
+    reference code, facebookresearch/LearningToLearn ``ml3/mnist_task.py``; with many classes
+    a class occurs about once per batch, so a different batch gives the one-step objective
+    little class-specific signal, see ``docs/results.md``). ``evolved``: ``checkpoint`` is an
+    ``npbml evolve`` output
+    folder or an ``EvolvedLoss`` JSON file.
+    """
+
+    name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "ml3", "adalfl", "evolved"] = (
+        "ce"
+    )
+    smoothing: float = 0.1
+    hidden: list[int] = field(default_factory=lambda: [50, 50])
+    output_activation: Literal["softplus", "none"] = "softplus"
+    init: Literal["default", "kaiming"] = "default"
+    inputs: Literal["prob", "log_prob"] = "prob"
+    ce_warm_start: int = 0
+    checkpoint: str | None = None
+    meta_lr: float = 1e-3
+    meta_batch: Literal["next", "validation", "same"] = "next"
+    offline_steps: int = 0
+    reset_every: int | None = None
+
+
+@dataclass
+class FitTrainConfig:
+    """``epochs`` passes over the training data in batches of ``batch_size``; ``last.pt`` at the
+    end of every epoch and, when ``checkpoint_every > 0``, every that many steps; ``threads``:
+    torch CPU threads (``None``: torch's default)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    checkpoint_every: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FitConfig:
+    """A whole ``npbml fit`` run: sections ``data``, ``model``, ``optim``, ``loss``, ``train``."""
+
+    data: FitDataConfig = field(default_factory=FitDataConfig)
+    model: FitModelConfig = field(default_factory=FitModelConfig)
+    optim: FitOptimConfig = field(default_factory=FitOptimConfig)
+    loss: FitLossConfig = field(default_factory=FitLossConfig)
+    train: FitTrainConfig = field(default_factory=FitTrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
+    """Validate a nested mapping into a :class:`FitConfig` (unknown keys raise ConfigError)."""
+    cfg = build_dataclass(FitConfig, data or {})
+    t = cfg.train
+    for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size)):
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
+    if cfg.loss.name == "adalfl" and cfg.optim.name != "sgd":
+        raise ConfigError("loss.name='adalfl' unrolls SGD: set optim.name='sgd'")
+    if cfg.loss.name == "learned" and cfg.loss.checkpoint is None:
+        raise ConfigError(
+            "loss.name='learned' trains with a fixed learned loss: set loss.checkpoint to a "
+            "LearnedLoss state_dict file (or use loss.name='ml3' / 'adalfl' to learn it)"
+        )
+    if cfg.loss.name == "evolved" and cfg.loss.checkpoint is None:
+        raise ConfigError(
+            "loss.name='evolved' needs loss.checkpoint: an `npbml evolve` output folder (its "
+            "best.json) or a JSON file written by EvolvedLoss.save"
+        )
+    if cfg.loss.name == "ml3" and cfg.loss.offline_steps < 1 and cfg.loss.checkpoint is None:
+        raise ConfigError(
+            "loss.name='ml3' meta-learns the loss offline first: set loss.offline_steps >= 1 "
+            "(or load a trained loss network with loss.checkpoint)"
+        )
+    if cfg.loss.ce_warm_start < 0:
+        raise ConfigError(f"loss.ce_warm_start must be >= 0, got {cfg.loss.ce_warm_start}")
+    if cfg.loss.ce_warm_start and cfg.loss.checkpoint is not None:
+        raise ConfigError(
+            "loss.ce_warm_start regresses a fresh loss network onto cross-entropy; it cannot be "
+            "combined with loss.checkpoint (set one of them)"
+        )
+    if cfg.loss.offline_steps < 0:
+        raise ConfigError(f"loss.offline_steps must be >= 0, got {cfg.loss.offline_steps}")
+    if cfg.loss.reset_every is not None and cfg.loss.reset_every < 1:
+        raise ConfigError(f"loss.reset_every must be >= 1 or null, got {cfg.loss.reset_every}")
+    if cfg.data.first_classes is not None:
+        if cfg.data.first_classes < 2:
+            raise ConfigError(
+                f"data.first_classes must be >= 2 or null, got {cfg.data.first_classes}"
+            )
+        if cfg.data.kind != "omniglot":
+            raise ConfigError("data.first_classes selects classes of data.kind='omniglot' only")
+    if cfg.data.kind == "arrays" and cfg.data.path is None:
+        raise ConfigError("data.kind='arrays' needs data.path (an .npz with arrays x and y)")
     return cfg
 
 

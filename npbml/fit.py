@@ -29,9 +29,9 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,175 +40,22 @@ from torch import nn
 from tqdm import tqdm
 
 from npbml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from npbml.config import ConfigError, _build, read_yaml
+from npbml.config import (  # the fit schema lives with the other configs; re-exported here
+    ConfigError,
+    FitConfig,
+    FitDataConfig,
+    FitLossConfig,
+    FitModelConfig,
+    FitOptimConfig,
+    FitTrainConfig,  # noqa: F401  (re-exported: ``from npbml.fit import FitTrainConfig``)
+    fit_config_from_dict,
+    read_yaml,
+)
 from npbml.inner import InnerSGD
 from npbml.loss_learning.adalfl import AdaLFL
 from npbml.loss_learning.ml3 import ML3
 from npbml.loss_learning.warm_start import regress_to_cross_entropy
 from npbml.losses import LearnedLoss, build_loss
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class FitDataConfig:
-    """``kind="omniglot"``: the Omniglot ``splits`` under ``root`` (characters present in several
-    splits are kept once), each class split into train / ``val_per_class`` / ``test_per_class``
-    images; ``first_classes=K`` keeps only the first ``K`` classes in split order (e.g. 20:
-    Balinese characters 1-20 of ``background_small1``), a few-class problem from the same data.
-    ``kind="arrays"``: an ``.npz`` at ``path`` with ``x`` and ``y`` (integer ``y`` for
-    classification, float for regression) split by ``val_fraction`` / ``test_fraction``."""
-
-    kind: Literal["omniglot", "arrays"] = "omniglot"
-    root: str | None = None
-    splits: list[str] = field(default_factory=lambda: ["background_small1", "background_small2"])
-    image_size: int = 28
-    val_per_class: int = 3
-    test_per_class: int = 3
-    first_classes: int | None = None
-    path: str | None = None
-    task: Literal["classification", "regression"] = "classification"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-
-
-@dataclass
-class FitModelConfig:
-    """``name``: ``conv4``/``resnet12`` (:func:`npbml.models.build_model`) or ``mlp``
-    (``hidden`` widths, ReLU). ``options`` go to the model's constructor."""
-
-    name: str = "conv4"
-    hidden: list[int] = field(default_factory=lambda: [256, 256])
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class FitOptimConfig:
-    """Base optimizer and learning-rate schedule (per epoch). AdaLFL needs ``name="sgd"``."""
-
-    name: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    step_size: int = 10
-    gamma: float = 0.1
-    min_lr: float = 0.0
-
-
-@dataclass
-class FitLossConfig:
-    """``name``: ``ce``, ``label_smoothing``, ``sparse_lsr``, ``learned``, ``ml3``, ``adalfl``,
-    ``evolved``.
-
-    Learned losses (``learned``, ``ml3``, ``adalfl``): ``hidden``, ``output_activation`` and
-    ``init`` (PyTorch's ``"default"``, or ``"kaiming"`` as the AdaLFL reference code) shape the
-    loss network; ``inputs`` (``"prob"``, the papers' softmax input, or ``"log_prob"``, this
-    toolkit's option against the ``O(1/C)`` gradient scale of the papers' form,
-    :class:`~npbml.losses.LearnedLoss`);
-    ``ce_warm_start=k > 0`` (also a toolkit option, not in the papers) first regresses the loss
-    network onto cross-entropy for ``k`` Adam steps
-    (:func:`npbml.loss_learning.warm_start.regress_to_cross_entropy`), so that meta-learning
-    starts from a loss that trains the model; ``checkpoint`` optionally loads its
-    ``state_dict``. ``offline_steps`` ML3 meta steps (``ml3``: required; ``adalfl``: its
-    phase-1 initialisation) run on a copy of the model with the base optimizer unrolled, one
-    model continued throughout unless ``reset_every=k``
-    (a fresh copy of the initial model every ``k`` steps); ``meta_lr`` is the Adam rate of the
-    loss network, ``meta_batch`` what feeds the meta-objective (``"next"`` / another training
-    batch, ``"validation"``, or ``"same"``: the batch of the inner step itself, as ML3's
-    reference code, facebookresearch/LearningToLearn ``ml3/mnist_task.py``; with many classes
-    a class occurs about once per batch, so a different batch gives the one-step objective
-    little class-specific signal, see ``docs/results.md``). ``evolved``: ``checkpoint`` is an
-    ``npbml evolve`` output
-    folder or an ``EvolvedLoss`` JSON file.
-    """
-
-    name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "ml3", "adalfl", "evolved"] = (
-        "ce"
-    )
-    smoothing: float = 0.1
-    hidden: list[int] = field(default_factory=lambda: [50, 50])
-    output_activation: Literal["softplus", "none"] = "softplus"
-    init: Literal["default", "kaiming"] = "default"
-    inputs: Literal["prob", "log_prob"] = "prob"
-    ce_warm_start: int = 0
-    checkpoint: str | None = None
-    meta_lr: float = 1e-3
-    meta_batch: Literal["next", "validation", "same"] = "next"
-    offline_steps: int = 0
-    reset_every: int | None = None
-
-
-@dataclass
-class FitTrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    checkpoint_every: int = 0
-    progress: bool = True
-
-
-@dataclass
-class FitConfig:
-    data: FitDataConfig = field(default_factory=FitDataConfig)
-    model: FitModelConfig = field(default_factory=FitModelConfig)
-    optim: FitOptimConfig = field(default_factory=FitOptimConfig)
-    loss: FitLossConfig = field(default_factory=FitLossConfig)
-    train: FitTrainConfig = field(default_factory=FitTrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
-    """Validate a nested mapping into a :class:`FitConfig` (unknown keys raise ConfigError)."""
-    cfg = _build(FitConfig, data or {}, "", "")
-    t = cfg.train
-    for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size)):
-        if v < 1:
-            raise ConfigError(f"{key} must be >= 1, got {v}")
-    if cfg.loss.name == "adalfl" and cfg.optim.name != "sgd":
-        raise ConfigError("loss.name='adalfl' unrolls SGD: set optim.name='sgd'")
-    if cfg.loss.name == "learned" and cfg.loss.checkpoint is None:
-        raise ConfigError(
-            "loss.name='learned' trains with a fixed learned loss: set loss.checkpoint to a "
-            "LearnedLoss state_dict file (or use loss.name='ml3' / 'adalfl' to learn it)"
-        )
-    if cfg.loss.name == "evolved" and cfg.loss.checkpoint is None:
-        raise ConfigError(
-            "loss.name='evolved' needs loss.checkpoint: an `npbml evolve` output folder (its "
-            "best.json) or a JSON file written by EvolvedLoss.save"
-        )
-    if cfg.loss.name == "ml3" and cfg.loss.offline_steps < 1 and cfg.loss.checkpoint is None:
-        raise ConfigError(
-            "loss.name='ml3' meta-learns the loss offline first: set loss.offline_steps >= 1 "
-            "(or load a trained loss network with loss.checkpoint)"
-        )
-    if cfg.loss.ce_warm_start < 0:
-        raise ConfigError(f"loss.ce_warm_start must be >= 0, got {cfg.loss.ce_warm_start}")
-    if cfg.loss.ce_warm_start and cfg.loss.checkpoint is not None:
-        raise ConfigError(
-            "loss.ce_warm_start regresses a fresh loss network onto cross-entropy; it cannot be "
-            "combined with loss.checkpoint (set one of them)"
-        )
-    if cfg.loss.offline_steps < 0:
-        raise ConfigError(f"loss.offline_steps must be >= 0, got {cfg.loss.offline_steps}")
-    if cfg.loss.reset_every is not None and cfg.loss.reset_every < 1:
-        raise ConfigError(f"loss.reset_every must be >= 1 or null, got {cfg.loss.reset_every}")
-    if cfg.data.first_classes is not None:
-        if cfg.data.first_classes < 2:
-            raise ConfigError(
-                f"data.first_classes must be >= 2 or null, got {cfg.data.first_classes}"
-            )
-        if cfg.data.kind != "omniglot":
-            raise ConfigError("data.first_classes selects classes of data.kind='omniglot' only")
-    if cfg.data.kind == "arrays" and cfg.data.path is None:
-        raise ConfigError("data.kind='arrays' needs data.path (an .npz with arrays x and y)")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,22 +106,22 @@ def test_unknown_section_lists_sections():
 @pytest.mark.parametrize(
     ("data", "key", "expected"),
     [
-        ({"train": {"meta_steps": 1.5}}, "train.meta_steps", "expected int"),
-        ({"train": {"meta_steps": "ten"}}, "train.meta_steps", "expected int"),
-        ({"data": {"ways": True}}, "data.ways", "expected int"),
-        ({"train": {"meta_lr": "fast"}}, "train.meta_lr", "expected float"),
-        ({"algorithm": {"first_order": "yes"}}, "algorithm.first_order", "expected bool"),
+        ({"train": {"meta_steps": 1.5}}, "train.meta_steps", "must be int"),
+        ({"train": {"meta_steps": "ten"}}, "train.meta_steps", "must be int"),
+        ({"data": {"ways": True}}, "data.ways", "must be int"),
+        ({"train": {"meta_lr": "fast"}}, "train.meta_lr", "must be float"),
+        ({"algorithm": {"first_order": "yes"}}, "algorithm.first_order", "must be bool"),
         ({"train": {"optimizer": "rmsprop"}}, "train.optimizer", "one of 'adam', 'sgd'"),
         ({"train": {"grad_clip": "x"}}, "train.grad_clip", "float or null"),
-        ({"data": {"options": [1, 2]}}, "data.options", "expected mapping"),
-        ({"data": 3}, "data", "expected mapping"),
-        ({"data": {"name": 5}}, "data.name", "expected str"),
+        ({"data": {"options": [1, 2]}}, "data.options", "must be mapping"),
+        ({"data": 3}, "data", "must be mapping"),
+        ({"data": {"name": 5}}, "data.name", "must be str"),
     ],
 )
 def test_type_errors_name_key_and_expected_type(data, key, expected):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
-    assert str(e.value).startswith(key + ":")
+    assert str(e.value).startswith(key + " must be ")
     assert expected in str(e.value)
 
 
@@ -215,14 +215,123 @@ def test_registered_options_schema_validates_and_fills_defaults(monkeypatch):
         warp_layers: int = 1
         loss_terms: list[str] | None = None
 
-    monkeypatch.setattr(C, "_OPTION_SCHEMAS", dict(C._OPTION_SCHEMAS))
+    monkeypatch.setattr(C, "OPTION_SCHEMAS", dict(C.OPTION_SCHEMAS))
     register_options("algorithm", "maml", ToyOptions)
     cfg = config_from_dict({"algorithm": {"name": "maml", "options": {"loss_terms": ["s"]}}})
     assert cfg.algorithm.options == {"warp_layers": 1, "loss_terms": ["s"]}
     with pytest.raises(ConfigError, match=r"unknown key 'warp' in section 'algorithm.options"):
         config_from_dict({"algorithm": {"options": {"warp": 2}}})
-    with pytest.raises(ConfigError, match=r"algorithm.options.warp_layers: expected int"):
+    with pytest.raises(ConfigError, match=r"algorithm.options.warp_layers must be int"):
         config_from_dict({"algorithm": {"options": {"warp_layers": "two"}}})
     # Other algorithms' options stay free-form.
     cfg = config_from_dict({"algorithm": {"name": "anil", "options": {"anything": 1}}})
     assert cfg.algorithm.options == {"anything": 1}
+
+
+# --- one validator for the three config kinds ---------------------------------------------------
+
+
+def _evolve_from_dict(data):
+    from npbml.evomal.config import EvolveConfig
+
+    return EvolveConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("build", "data", "message"),
+    [
+        (
+            config_from_dict,
+            {"train": {"meta_stepz": 3}},
+            "unknown key 'meta_stepz' in section 'train'; valid keys: ",
+        ),
+        (
+            C.fit_config_from_dict,
+            {"optim": {"lrr": 0.1}},
+            "unknown key 'lrr' in section 'optim'; valid keys: ",
+        ),
+        (
+            _evolve_from_dict,
+            {"search": {"populaton": 3}},
+            "unknown key 'populaton' in section 'search'; valid keys: ",
+        ),
+    ],
+    ids=["experiment", "fit", "evolve"],
+)
+def test_one_validator_rejects_unknown_keys_in_every_config_kind(build, data, message):
+    """Experiment, fit and evolve configs report an unknown key the same way, with the section's
+    valid keys in sorted order (one validator, :func:`npbml.config.build_dataclass`)."""
+    import dataclasses
+
+    from npbml.config import FitConfig
+    from npbml.evomal.config import EvolveConfig
+
+    ((section, inner),) = data.items()
+    schema = {config_from_dict: Config, C.fit_config_from_dict: FitConfig}.get(build, EvolveConfig)
+    cls = {f.name: f.type for f in dataclasses.fields(schema)}[section]
+    section_cls = getattr(schema(), section).__class__
+    valid = sorted(f.name for f in dataclasses.fields(section_cls))
+    with pytest.raises(ConfigError) as e:
+        build(data)
+    assert str(e.value) == message + ", ".join(valid)
+    assert cls  # the section exists in the schema
+
+
+def test_top_level_messages_list_sections_and_plain_keys():
+    with pytest.raises(ConfigError, match=r"^unknown section 'lose'; valid sections: data, loss"):
+        C.fit_config_from_dict({"lose": {}})
+    with pytest.raises(
+        ConfigError,
+        match=r"^unknown config key 'sead'; valid keys: seed, threads; valid sections: data, ",
+    ):
+        _evolve_from_dict({"sead": 1})
+
+
+def test_build_dataclass_is_public_and_checks_types():
+    @dataclass
+    class Toy:
+        n: int = 1
+        names: list[str] | None = None
+
+    assert C.build_dataclass(Toy, {"n": 3, "names": ["a"]}, "toy") == Toy(3, ["a"])
+    assert C.build_dataclass(Toy, None) == Toy()
+    with pytest.raises(ConfigError, match=r"^toy.names must be list or null, got list \[5\]"):
+        C.build_dataclass(Toy, {"names": [5]}, "toy")
+
+
+def test_fit_schema_is_the_same_object_from_both_homes():
+    import npbml.fit
+
+    assert npbml.fit.FitConfig is C.FitConfig
+    assert npbml.fit.fit_config_from_dict is C.fit_config_from_dict
+    assert npbml.fit.FitTrainConfig is C.FitTrainConfig
+
+
+# --- explicit registries ------------------------------------------------------------------------
+
+
+def test_registries_hold_npbml_without_importing_anything_first():
+    """A fresh interpreter that imports only the config module validates NPBML's options and
+    builds "npbml" by name: the registries are explicit, not filled by import side effects."""
+    import subprocess
+    import sys
+
+    code = (
+        "from npbml.config import config_from_dict\n"
+        "cfg = config_from_dict({'algorithm': {'name': 'npbml', 'options': {}}})\n"
+        "assert 'backbone_checkpoint' in cfg.algorithm.options, cfg.algorithm.options\n"
+        "try:\n"
+        "    config_from_dict({'algorithm': {'name': 'npbml', 'options': {'warpz': 1}}})\n"
+        "except ValueError as e:\n"
+        "    assert \"unknown key 'warpz'\" in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('npbml options were not validated')\n"
+        "from npbml.algorithms import ALGORITHMS\n"
+        "assert 'npbml' in ALGORITHMS and 'maml' in ALGORITHMS\n"
+        "import sys\n"
+        "assert 'npbml.cli' not in sys.modules, 'the library imported the CLI'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
