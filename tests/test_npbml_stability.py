@@ -188,3 +188,32 @@ def test_resnet12_film_per_conv_matches_a_hand_written_block_forward():
     expected = block.dropout(block.pool(block.act(h + block.shortcut(x))))
     warp = learner.network.warps["3"]
     torch.testing.assert_close(learner.network.block_forward(3, x), warp(expected))
+
+
+def test_proto_head_init_is_the_nearest_prototype_classifier_of_the_support_set():
+    torch.manual_seed(0)
+    model = Conv4(hidden=8, image_size=16, num_classes=5)
+    learner = NPBML(model, loss_terms=("ce",), head_init="proto", film_init_std=0.1)
+    ep = _episode(6, ways=5, queries=2)
+    fast = learner.adapt(ep.support_x, ep.support_y, steps=0, query_x=ep.query_x)
+    # Independently: features of the joint [S; Q] forward, class means over the support rows.
+    with torch.no_grad():
+        net = learner.network
+        feats = net.reduce(net.run_blocks(torch.cat([ep.support_x, ep.query_x])))[:5]
+        protos = torch.stack([feats[ep.support_y == c].mean(0) for c in range(5)])
+    torch.testing.assert_close(fast["head.weight"].detach(), 2 * protos)
+    torch.testing.assert_close(fast["head.bias"].detach(), -(protos**2).sum(1))
+    # Its logits rank classes as the negative squared distances do.
+    with torch.no_grad():
+        q = net.reduce(net.run_blocks(ep.query_x))
+        logits = learner(ep.query_x, fast)
+    torch.testing.assert_close(
+        logits - logits.mean(1, keepdim=True),
+        -torch.cdist(q, protos).pow(2) + torch.cdist(q, protos).pow(2).mean(1, keepdim=True),
+        rtol=1e-4, atol=1e-4,
+    )
+    # The head has no meta-learned init of its own; the body gets a meta-gradient through it.
+    names = [n for n, _ in learner.named_meta_parameters()]
+    assert not any(n.startswith("model.head.") for n in names)
+    learner.outer_loss(ep)[0].backward()
+    assert learner.network.blocks[3].conv.weight.grad.abs().sum() > 0

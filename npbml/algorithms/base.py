@@ -168,6 +168,11 @@ class GradientLearner(nn.Module):
         own = dict(self.model.named_parameters())
         return {n: own[n] for n in self.adapted_names}
 
+    def task_initial_params(self, inputs: Any, support_y: torch.Tensor) -> Params:
+        """theta_0 of one task, given :meth:`inner_inputs`' output: :meth:`initial_params` by
+        default; a subclass may make it depend on the support set (NPBML's prototype head)."""
+        return self.initial_params()
+
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Everything the outer optimizer updates: trainable model parameters (not frozen),
         learned inner-optimizer parts (rates, preconditioner) and learned inner-loss parameters."""
@@ -273,13 +278,13 @@ class GradientLearner(nn.Module):
             )
         track = mode != "none"
         create_graph = mode == "second"
-        params = self.initial_params()
-        if not track:
-            params = {n: p.detach() for n, p in params.items()}
         opt = self.inner_optimizer
         names = self.adapted_names
         with torch.enable_grad():
             inputs = self.inner_inputs(support_x, mode, support_y, query_x)
+            params = self.task_initial_params(inputs, support_y)
+            if not track:
+                params = {n: p.detach() for n, p in params.items()}
             state = opt.init(params)
             for j in range(steps):
                 # Off the second-order path the gradient is taken at a detached copy, so the

@@ -170,7 +170,8 @@ class NPBML(GradientLearner):
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """As the base class, less the head's own tensors when the head row replaces them
         (they are placeholders, see :class:`NPBMLNetwork`; the user's model is not modified)."""
-        skip = ("model.head.",) if self.network.head_row is not None else ()
+        replaced = self.network.head_row is not None or self.options.head_init == "proto"
+        skip = ("model.head.",) if replaced else ()
         for n, p in super().named_meta_parameters():
             if not (skip and n.startswith(skip)):
                 yield n, p
@@ -192,6 +193,23 @@ class NPBML(GradientLearner):
         own = dict(self.network.named_parameters())
         own.update(self.head_params())
         return {n: own[n] for n in self.adapted_names}
+
+    def task_initial_params(self, inputs: Any, support_y: torch.Tensor) -> Params:
+        """theta_0 of one task. With ``head_init="proto"`` the head starts as the nearest-
+        prototype classifier of the support features (Proto-MAML, Triantafillou et al. 2020,
+        eq. 3): ``W_c = 2 c_c``, ``b_c = -||c_c||^2`` with ``c_c`` the mean support feature of
+        class ``c`` at the initial weights, so the logits before any inner step are the negative
+        squared Euclidean distances up to a per-example constant; differentiable, so the
+        meta-gradient reaches the body through the prototypes."""
+        params = self.initial_params()
+        if self.options.head_init != "proto":
+            return params
+        h0, _, n_s, _ = inputs
+        h = self.run_module(self.network, params, h0, self.frozen_prefix, None, method="run_blocks")
+        feats = self.network.reduce(h)[:n_s]
+        onehot = F.one_hot(support_y, self.ways).to(feats.dtype)
+        protos = onehot.t() @ feats / onehot.sum(0).clamp_min(1).unsqueeze(1)
+        return {**params, "head.weight": 2 * protos, "head.bias": -protos.pow(2).sum(1)}
 
     def _with_head(self, params: Params | None) -> Params:
         if self.network.head_row is None:

@@ -71,8 +71,9 @@ class NPBMLOptions:
         reg_joint: R is one MLP over the statistics of all adapted tensors (the paper's
             ``R^{4L} -> R``); False: one 4-input MLP per tensor, averaged.
         center_loss: subtract ``phi(0)`` from each loss-MLP output (M == CE at zero weights).
-        head_init: ``"row"`` (one meta-learned row shared by all classes) or ``"model"`` (the
-            head's own weights, MAML's init).
+        head_init: ``"row"`` (one meta-learned row shared by all classes), ``"model"`` (the
+            head's own weights, MAML's init) or ``"proto"`` (per task, the nearest-prototype
+            classifier of the support features: Proto-MAML, Triantafillou et al. 2020).
         joint_forward: the inner forward runs on ``[S_x; Q_x]`` together.
         ablation: a key of :data:`ABLATIONS`; overrides ``use_film``, ``use_warp``,
             ``loss_terms``.
@@ -103,7 +104,7 @@ class NPBMLOptions:
     reg_normalize: bool = True
     reg_joint: bool = True
     center_loss: bool = True
-    head_init: Literal["row", "model"] = "row"
+    head_init: Literal["row", "model", "proto"] = "row"
     joint_forward: bool = True
     ablation: str | None = None
     backbone_checkpoint: str | None = None
@@ -127,8 +128,10 @@ class NPBMLOptions:
         terms = tuple(out.loss_terms)
         if not terms or any(t not in ALL_TERMS for t in terms):
             raise ValueError(f"loss_terms must be a non-empty subset of {ALL_TERMS}, got {terms!r}")
-        if out.head_init not in ("row", "model"):
-            raise ValueError(f"head_init must be 'row' or 'model', got {out.head_init!r}")
+        if out.head_init not in ("row", "model", "proto"):
+            raise ValueError(
+                f"head_init must be 'row', 'model' or 'proto', got {out.head_init!r}"
+            )
         if out.loss_inputs not in ("probs", "logits"):
             raise ValueError(f"loss_inputs must be 'probs' or 'logits', got {out.loss_inputs!r}")
         return out
