@@ -296,7 +296,7 @@ def test_inner_loss_context_and_preconditioner():
 
 
 def test_factory_and_errors():
-    assert available_algorithms() == ["anil", "fomaml", "maml", "metasgd", "npbml"]
+    assert available_algorithms() == ["anil", "fomaml", "maml", "metasgd", "npbml", "proto"]
     model = _model()
     assert isinstance(build_algorithm("FOMAML", model), FOMAML)
     assert build_algorithm("meta-sgd", model).inner_lr == 0.4
