@@ -1,0 +1,100 @@
+"""scripts/npbml_ablations.py end to end on tiny settings (--quick) on the real minimal splits:
+several seeds, the nearest-prototype rows, within-alphabet test episodes, paired differences."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "npbml_ablations.py"
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("npbml_ablations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(ab, omniglot_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("ablations")
+    md = out / "results.md"
+    md.write_text("# Results\n\nkeep me\n")
+    argv = ["--quick", "--out", str(out), "--seeds", "0", "1", "--within-alphabet"]
+    argv += ["--rows", "proto-cosine", "proto-euclidean", "init", "--markdown", str(md)]
+    assert ab.main(argv) == 0
+    return {"out": out, "md": md.read_text(), "res": json.loads((out / "results.json").read_text())}
+
+
+def test_every_row_and_seed_sees_the_same_within_alphabet_episodes(run, ab) -> None:
+    res = run["res"]
+    tasks = ab.QUICK["tasks"]
+    ep = res["test_episodes"]
+    # 5-way within-alphabet test episodes of small2's new alphabets (Tagalog has 17 >= 5).
+    assert ep["within_alphabet"] and ep["alphabets"] == [
+        "Japanese_(katakana)",
+        "Sanskrit",
+        "Tagalog",
+    ]
+    assert len(ep["classes"]) == tasks
+    assert set(res["seeds"]) == {"0", "1"}
+    for seed in res["seeds"].values():
+        assert set(seed["rows"]) == {"proto-cosine", "proto-euclidean", "init"}
+        for row in seed["rows"].values():
+            assert len(row["accuracies"]) == tasks == row["tasks"]
+            assert row["accuracy"] == pytest.approx(np.mean(row["accuracies"]))
+    # The proto rows train nothing; the NPBML row did, without a relation network (init has no
+    # transductive loss term).
+    s0 = res["seeds"]["0"]
+    assert s0["rows"]["proto-cosine"]["train_s"] == 0 and s0["rows"]["init"]["train_s"] > 0
+    assert s0["pretraining"]["relation"] is None
+    assert (run["out"] / "seed0" / "backbone.pt").is_file()
+    assert (run["out"] / "seed1" / "backbone.pt").is_file()
+
+
+def test_paired_differences_match_a_hand_computation(run) -> None:
+    res = run["res"]
+    acc = {
+        row: np.array([res["seeds"][s]["rows"][row]["accuracies"] for s in ("0", "1")])
+        for row in ("proto-cosine", "init")
+    }
+    d = acc["init"] - acc["proto-cosine"]  # [seeds, episodes]
+    paired = res["summary"]["paired"]["proto-cosine"]["init"]
+    assert paired["mean"] == pytest.approx(d.mean())
+    avg = d.mean(axis=0)
+    assert paired["ci95"] == pytest.approx(1.96 * avg.std(ddof=1) / np.sqrt(avg.size))
+    for s in range(2):
+        per = paired["per_seed"][s]
+        assert per["mean"] == pytest.approx(d[s].mean())
+        assert per["ci95"] == pytest.approx(1.96 * d[s].std(ddof=1) / np.sqrt(d.shape[1]))
+    assert set(res["summary"]["paired"]) == {"proto-cosine", "init"}
+    pooled = res["summary"]["rows"]["init"]
+    assert pooled["per_seed"] == pytest.approx(acc["init"].mean(axis=1).tolist())
+
+
+def test_markdown_section_has_every_row_and_comparison(run) -> None:
+    md = run["md"]
+    assert md.startswith("# Results\n\nkeep me\n")
+    assert "5-way 1-shot within-alphabet" in md and "Seeds 0, 1" in md
+    for row in ("proto-cosine", "proto-euclidean", "init"):
+        assert f"| {row} |" in md
+    assert "vs proto-cosine (pp)" in md and "vs init (pp)" in md
+    assert "| init - proto-cosine |" in md and "| seed 0 | seed 1 | pooled |" in md
+
+
+def test_bad_flags_name_the_problem(ab) -> None:
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--rows", "protonet"])
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--seeds", "0", "--seed", "1"])
+    args = ab.parse_args(["--rows", "maml", "full", "--seed", "3"])
+    assert args.seeds == [3] and args.reference == []  # default references are not rows here
+    args = ab.parse_args(["--pretrain-steps", "4000", "--pretrain-batch", "128"])
+    assert (args.pretrain_steps, args.pretrain_batch) == (4000, 128)
+    assert args.rows[:3] == ["maml", "proto-cosine", "proto-euclidean"]
