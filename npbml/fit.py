@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from npbml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from npbml.checkpoint import rng_state, set_rng_state
 from npbml.config import (  # the fit schema lives with the other configs; re-exported here
     ConfigError,
     FitConfig,
@@ -56,6 +56,7 @@ from npbml.loss_learning.adalfl import AdaLFL
 from npbml.loss_learning.ml3 import ML3
 from npbml.loss_learning.warm_start import regress_to_cross_entropy
 from npbml.losses import LearnedLoss, build_loss
+from npbml.run_dir import RunDir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,10 +273,327 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, epoch, 7]).permutation(n))
 
 
-def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+class _TrainBatches:
+    """The training batch of global step ``k``: rows ``pos*B .. (pos+1)*B`` of epoch ``e``'s
+    order, ``(e, pos) = divmod(k, steps_per_epoch)``, a pure function of ``(seed, e)``, so a
+    resumed run draws the same batches."""
+
+    def __init__(
+        self, train: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int, device: Any
+    ) -> None:
+        self.x, self.y = train
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.steps_per_epoch = math.ceil(len(self.x) / batch_size)
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            # The current epoch's order and the next one's ("next" meta batches) suffice.
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = _epoch_order(self.seed, epoch, len(self.x))
+        idx = self._orders[epoch][pos * self.batch_size : (pos + 1) * self.batch_size]
+        return self.x[idx].to(self.device), self.y[idx].to(self.device)
+
+
+# The loss module each loss kind trains with: ML3 and AdaLFL learn a LearnedLoss network, and
+# "ce" stands for the task's standard loss (cross-entropy, or mean squared error for regression).
+_LOSS_MODULE = {"ml3": "learned", "adalfl": "learned"}
+_TASK_LOSS = {"classification": "ce", "regression": "mean_squared_error"}
+# The FitLossConfig fields each loss module is built from.
+_LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "label_smoothing": ("smoothing",),
+    "sparse_lsr": ("smoothing",),
+    "learned": ("hidden", "output_activation", "init", "inputs", "checkpoint"),
+    "evolved": ("checkpoint",),
+}
+
+
+def build_fit_loss(lc: FitLossConfig, task: str, seed: int, device: torch.device) -> nn.Module:
+    """The loss module of config section ``loss``: one :func:`npbml.losses.build_loss` call.
+
+    Args:
+        lc: The ``loss`` section.
+        task: ``"classification"`` or ``"regression"`` (``data.task``).
+        seed: The run's seed (the cross-entropy warm start of a loss network draws from it).
+        device: Where the loss module goes.
+
+    Returns:
+        The loss module; a loss network is warm-started when ``loss.ce_warm_start`` asks.
+
+    Raises:
+        ConfigError: A loss that does not fit the task or its options.
+    """
+    name = _LOSS_MODULE.get(lc.name, lc.name)
+    name = _TASK_LOSS[task] if name == "ce" else name
+    options = {k: getattr(lc, k) for k in _LOSS_OPTIONS.get(name, ())}
+    try:
+        loss_fn = build_loss(name, task=task, **options).to(device)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss.name={lc.name!r} (data.task={task!r}): {e}") from e
+    if lc.ce_warm_start and isinstance(loss_fn, LearnedLoss):
+        if task != "classification":
+            raise ConfigError("loss.ce_warm_start is for classification (data.task)")
+        regress_to_cross_entropy(loss_fn, steps=lc.ce_warm_start, seed=seed)
+    return loss_fn
+
+
+class OptimizerUpdater:
+    """Plain training: a fixed loss, its gradient through a torch optimizer (SGD or Adam).
+
+    Args:
+        loss_fn: The loss (frozen here: only the model is trained).
+        optimizer: The optimizer over the model's parameters.
+    """
+
+    #: Whether the loss network is meta-learned before step 0 (``loss.offline_steps``).
+    learns_loss = False
+
+    def __init__(self, loss_fn: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.loss_fn = loss_fn.requires_grad_(False)
+        self.optimizer = optimizer
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of this step (the per-epoch schedule)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int
+    ) -> tuple[float, dict[str, float]]:
+        """One update of ``model`` on ``batch``.
+
+        Args:
+            model: The model being trained.
+            batch: ``(inputs, targets)`` on the model's device.
+            step: The global step index (unused by a plain optimizer).
+
+        Returns:
+            The batch loss before the update and the extra progress-bar values (none).
+        """
+        loss = self.loss_fn(model(batch[0]), batch[1])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item(), {}
+
+    def on_epoch_end(self, run: RunDir, step: int) -> dict[str, Any]:
+        """Extra fields of the epoch's metrics record (none)."""
+        return {}
+
+    def on_offline_done(self, run: RunDir) -> None:
+        """Called once the offline phase (if any) has learned the loss."""
+
+    def on_finish(self, run: RunDir) -> None:
+        """Called when the last step is done."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, under the checkpoint key ``"optimizer"``."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint written with :meth:`state_dict` (and a loss network saved
+        there, ``"loss_net"``)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "loss_net" in state:
+            self.loss_fn.load_state_dict(state["loss_net"])
+
+
+class ML3Updater(OptimizerUpdater):
+    """ML3 (Bechtle et al. 2020): the loss network is meta-learned offline before step 0 (see
+    :func:`_ml3_offline`), then frozen while a plain optimizer trains the model.
+
+    Args:
+        loss_fn: The loss network.
+        optimizer: The optimizer over the model's parameters.
+        offline: ``offline(pairs, steps, reset_every) -> meta-loss history`` (the ML3 phase).
+    """
+
+    learns_loss = True
+
+    def __init__(self, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, offline: Any) -> None:
+        super().__init__(loss_fn, optimizer)
+        self.offline_init = offline
+
+    def on_offline_done(self, run: RunDir) -> None:
+        torch.save(self.loss_fn.state_dict(), run.path / "loss_net.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        # The loss learned before step 0 cannot be recomputed on resume: it is checkpointed.
+        return {**super().state_dict(), "loss_net": self.loss_fn.state_dict()}
+
+
+class AdaLFLUpdater:
+    """AdaLFL (Raymond et al. 2023): the loss network is learned online, one unrolled
+    meta-step per model step (:class:`npbml.loss_learning.adalfl.AdaLFL`).
+
+    Args:
+        adalfl: The online loss learner (it holds the model and the loss network).
+        meta_batch: ``meta_batch(step, batch)``: the batch of the meta-objective at ``step``.
+    """
+
+    learns_loss = True
+
+    def __init__(self, adalfl: AdaLFL, meta_batch: Any) -> None:
+        self.adalfl, self.meta_batch = adalfl, meta_batch
+        self.loss_fn = adalfl.loss_net
+
+    def set_lr(self, lr: float) -> None:
+        self.adalfl.set_base_lr(lr)
+
+    def step(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int
+    ) -> tuple[float, dict[str, float]]:
+        """One model step under the current loss, then one meta-step of the loss.
+
+        Args:
+            model: The model being trained (the one the learner holds).
+            batch: ``(inputs, targets)`` of the model step.
+            step: The global step index (chooses the meta batch).
+
+        Returns:
+            The base loss, and the meta-loss and skip flag for the progress bar.
+        """
+        if model is not self.adalfl.model:
+            raise ValueError("AdaLFLUpdater.step: model is not the model AdaLFL was built with")
+        base, meta = self.adalfl.step(batch, self.meta_batch(step, batch))
+        return base, {"meta_loss": meta, "skipped": int(self.adalfl.last_step.skipped)}
+
+    def offline_init(self, pairs: Any, steps: int, reset_every: int | None) -> list[float]:
+        """Phase 1: ML3-style offline initialisation of the loss network."""
+        return self.adalfl.offline_init(pairs, steps, reset_every)
+
+    def on_epoch_end(self, run: RunDir, step: int) -> dict[str, Any]:
+        # Snapshots of phi for plots of the loss over the run (npbml.plots).
+        snap_dir = run.path / "loss_snapshots"
+        snap_dir.mkdir(exist_ok=True)
+        torch.save(self.adalfl.loss_net.state_dict(), snap_dir / f"step{step:08d}.pt")
+        return {"skipped_steps": self.adalfl.skipped_steps}
+
+    def on_offline_done(self, run: RunDir) -> None:
+        """The loss network is saved at the end of the run (it keeps learning)."""
+
+    def on_finish(self, run: RunDir) -> None:
+        torch.save(self.adalfl.loss_net.state_dict(), run.path / "loss_net.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's state, under the checkpoint key ``"adalfl"``."""
+        return {"adalfl": self.adalfl.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.adalfl.load_state_dict(state["adalfl"])
+
+
+Updater = OptimizerUpdater | AdaLFLUpdater
+
+
+def _make_optimizer(oc: FitOptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if oc.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=oc.lr,
+            momentum=oc.momentum,
+            nesterov=oc.nesterov and oc.momentum > 0,
+            weight_decay=oc.weight_decay,
+        )
+    return torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+
+
+def _adalfl_meta_batches(cfg: FitConfig, data: FitData, batches: _TrainBatches) -> Any:
+    """``meta_batch(step, batch)`` for ``loss.meta_batch``: the next training batch (the first
+    of the next epoch after an epoch's last), the batch itself, or a validation batch."""
+    vx, vy = data.val
+    if cfg.loss.meta_batch == "validation" and len(vx) == 0:
+        raise ConfigError("loss.meta_batch='validation' needs validation data")
+    val = _ValidationBatches(len(vx), cfg.train.batch_size, cfg.train.seed)
+    device = batches.device
+
+    def validation(step: int, _batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        vi = val.indices(step)
+        return vx[vi].to(device), vy[vi].to(device)
+
+    return {
+        "next": lambda step, _batch: batches(step + 1),
+        "same": lambda _step, batch: batch,
+        "validation": validation,
+    }[cfg.loss.meta_batch]
+
+
+def build_updater(
+    cfg: FitConfig, model: nn.Module, loss_fn: nn.Module, data: FitData, batches: _TrainBatches
+) -> Updater:
+    """The update rule of ``loss.name``: AdaLFL, ML3 (offline phase, then plain), or plain.
+
+    Args:
+        cfg: The run's config.
+        model: The model to train.
+        loss_fn: The loss from :func:`build_fit_loss`.
+        data: The datasets (AdaLFL's validation meta batches).
+        batches: The training batches (AdaLFL's "next" meta batches).
+
+    Returns:
+        An updater: ``set_lr``, ``step(model, batch, step)``, ``state_dict``, ...
+    """
+    oc, lc = cfg.optim, cfg.loss
+    if lc.name == "adalfl":
+        adalfl = AdaLFL(
+            model,
+            loss_fn,
+            base_lr=oc.lr,
+            momentum=oc.momentum,
+            nesterov=oc.nesterov and oc.momentum > 0,
+            weight_decay=oc.weight_decay,
+            meta_lr=lc.meta_lr,
+            meta_batch=lc.meta_batch,
+            task=data.task,
+        )
+        return AdaLFLUpdater(adalfl, _adalfl_meta_batches(cfg, data, batches))
+    if lc.name == "ml3":
+        offline = lambda pairs, steps, reset: _ml3_offline(model, loss_fn, oc, lc, pairs)  # noqa: E731
+        return ML3Updater(loss_fn, _make_optimizer(oc, model), offline)
+    return OptimizerUpdater(loss_fn, _make_optimizer(oc, model))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _FitRun:
+    """What one fit carries from step to step (``step``, ``best`` go into the checkpoints)."""
+
+    cfg: FitConfig
+    data: FitData
+    run: RunDir
+    model: nn.Module
+    updater: Updater
+    batches: _TrainBatches
+    device: torch.device
+    step: int = 0
+    best: float = math.inf
+
+    @property
+    def total_steps(self) -> int:
+        return self.batches.steps_per_epoch * self.cfg.train.epochs
+
+    def save_last(self) -> None:
+        state = {"model": self.model.state_dict(), "step": self.step, "best": self.best}
+        state["rng"] = rng_state()
+        self.run.save_last({**state, **self.updater.state_dict()})
+
+    def resume_or_start(self, resume: bool) -> None:
+        """Continue from ``last.pt`` (and cut ``metrics.jsonl`` back to it), or start over."""
+        if resume and self.run.has_last():
+            state = self.run.load_last(map_location=self.device)
+            self.model.load_state_dict(state["model"])
+            self.updater.load_state_dict(state)
+            self.step, self.best = int(state["step"]), float(state["best"])
+            set_rng_state(state["rng"])
+            self.run.truncate_metrics(self.step)
+            return
+        self.run.start_fresh()
+        # Snapshots of an earlier run in this folder would mix into plots.
+        for old in (self.run.path / "loss_snapshots").glob("*.pt"):
+            old.unlink()
 
 
 def fit(
@@ -293,16 +611,11 @@ def fit(
     is lost); used by the resume test and for budgeted runs.
     """
     cfg = config if isinstance(config, FitConfig) else fit_config_from_dict(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.json"
-    resuming = resume and (out / "last.pt").exists() and saved.exists()
-    if resuming and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_dict())):
-        raise ConfigError(
-            f"{out} holds a run with a different config: use another output directory, or "
-            "resume=False (--no-resume) to start over there"
-        )
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    run = RunDir(out_dir, config_name="config.json")
+    saved = run.saved_config()
+    if resume and run.has_last() and saved is not None:
+        run.check_resumable(saved, cfg.to_dict())
+    run.save_config(cfg.to_dict())
     t = cfg.train
     if t.threads is not None:
         torch.set_num_threads(t.threads)
@@ -310,203 +623,101 @@ def fit(
     data = data or build_fit_data(cfg)
     device = torch.device(t.device)
     model = build_fit_model(cfg.model, data).to(device)
-    lc = cfg.loss
-    adalfl: AdaLFL | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    loss_fn: nn.Module | Any
-    if lc.name in ("learned", "ml3", "adalfl"):
-        loss_fn = LearnedLoss(
-            data.task,
-            lc.hidden,
-            lc.output_activation,
-            init=lc.init,
-            inputs=lc.inputs,
-        ).to(device)
-        if lc.ce_warm_start:
-            if data.task != "classification":
-                raise ConfigError("loss.ce_warm_start is for classification (data.task)")
-            regress_to_cross_entropy(loss_fn, steps=lc.ce_warm_start, seed=t.seed)
-        if lc.checkpoint is not None:
-            loss_fn.load_state_dict(
-                torch.load(lc.checkpoint, map_location=device, weights_only=True)
-            )
-    elif lc.name == "evolved":
-        from npbml.evomal.expression import load_evolved_loss
+    loss_fn = build_fit_loss(cfg.loss, data.task, t.seed, device)
+    batches = _TrainBatches(data.train, t.batch_size, t.seed, device)
+    updater = build_updater(cfg, model, loss_fn, data, batches)
+    state = _FitRun(cfg, data, run, model, updater, batches, device)
+    state.resume_or_start(resume)
+    if updater.learns_loss and state.step == 0 and cfg.loss.offline_steps > 0:
+        _offline_phase(state)
+    bar = tqdm(
+        total=state.total_steps, initial=state.step, disable=not t.progress, desc="fit", unit="step"
+    )
+    try:
+        if not _train_steps(state, bar, stop_after):
+            return {"stopped_at": state.step}
+    finally:
+        bar.close()
+    return _finish(state)
 
-        if data.task != "classification":
-            raise ConfigError("loss.name='evolved' is a classification loss (data.task)")
-        loss_fn = load_evolved_loss(lc.checkpoint).to(device)
-    elif lc.name in ("label_smoothing", "sparse_lsr"):
-        loss_fn = build_loss(lc.name, smoothing=lc.smoothing)
-    else:
-        loss_fn = build_loss("ce") if data.task == "classification" else _task_loss("regression")
-    oc = cfg.optim
-    val_batches = None
-    if lc.name == "adalfl":
-        vx, vy = data.val
-        if lc.meta_batch == "validation" and len(vx) == 0:
-            raise ConfigError("loss.meta_batch='validation' needs validation data")
-        val_batches = _ValidationBatches(len(vx), t.batch_size, t.seed)
-        adalfl = AdaLFL(
-            model,
-            loss_fn,
-            base_lr=oc.lr,
-            momentum=oc.momentum,
-            nesterov=oc.nesterov and oc.momentum > 0,
-            weight_decay=oc.weight_decay,
-            meta_lr=lc.meta_lr,
-            meta_batch=lc.meta_batch,
-            task=data.task,
-        )
-    else:
-        if lc.name in ("learned", "ml3", "evolved"):
-            loss_fn.requires_grad_(False)  # frozen: only the model is trained
-        if oc.name == "sgd":
-            optimizer = torch.optim.SGD(
-                model.parameters(),
-                lr=oc.lr,
-                momentum=oc.momentum,
-                nesterov=oc.nesterov and oc.momentum > 0,
-                weight_decay=oc.weight_decay,
-            )
-        else:
-            optimizer = torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
 
-    x, y = data.train
-    n = len(x)
-    steps_per_epoch = math.ceil(n / t.batch_size)
-    total_steps = steps_per_epoch * t.epochs
-    step = 0
-    best = math.inf
-    records: list[dict[str, Any]] = []
-    last = out / "last.pt"
-    if resume and last.exists():
-        state = load_checkpoint(last, map_location=device)
-        model.load_state_dict(state["model"])
-        if "loss_net" in state:  # ml3: the loss learned offline before step 0
-            loss_fn.load_state_dict(state["loss_net"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if adalfl is not None:
-            adalfl.load_state_dict(state["adalfl"])
-        step, best = int(state["step"]), float(state["best"])
-        set_rng_state(state["rng"])
-        if (out / "metrics.jsonl").exists():
-            lines = (out / "metrics.jsonl").read_text().splitlines()
-            records = [r for r in map(json.loads, lines) if r.get("step", 0) <= step]
-    else:
-        # A fresh start: snapshots of an earlier run in this folder would mix into plots.
-        for old in (out / "loss_snapshots").glob("*.pt"):
-            old.unlink()
-    if lc.name in ("ml3", "adalfl") and step == 0 and lc.offline_steps > 0:
-        if lc.meta_batch == "validation" and len(data.val[0]) == 0:
-            raise ConfigError("loss.meta_batch='validation' needs validation data")
-        pairs = _offline_pairs(data.train, data.val, t.batch_size, t.seed, lc.meta_batch, device)
-        snap_dir = out / "loss_snapshots"
-        snap_dir.mkdir(exist_ok=True)
-        torch.save(loss_fn.state_dict(), snap_dir / "init.pt")
-        t0 = time.time()
-        if adalfl is not None:
-            history = adalfl.offline_init(pairs, lc.offline_steps, lc.reset_every)
-        else:
-            history = _ml3_offline(model, loss_fn, oc, lc, pairs)
-        (out / "offline_meta_loss.json").write_text(
-            json.dumps({"seconds": time.time() - t0, "meta_loss": history})
-        )
-        torch.save(loss_fn.state_dict(), snap_dir / f"step{0:08d}.pt")
-        if adalfl is None:
-            torch.save(loss_fn.state_dict(), out / "loss_net.pt")
+def _offline_phase(state: _FitRun) -> None:
+    """Meta-learn the loss network offline before step 0 (ML3, or AdaLFL's phase 1)."""
+    cfg, data, out, updater = state.cfg, state.data, state.run.path, state.updater
+    lc, t = cfg.loss, cfg.train
+    if lc.meta_batch == "validation" and len(data.val[0]) == 0:
+        raise ConfigError("loss.meta_batch='validation' needs validation data")
+    pairs = _offline_pairs(data.train, data.val, t.batch_size, t.seed, lc.meta_batch, state.device)
+    snap_dir = out / "loss_snapshots"
+    snap_dir.mkdir(exist_ok=True)
+    torch.save(updater.loss_fn.state_dict(), snap_dir / "init.pt")
+    t0 = time.time()
+    history = updater.offline_init(pairs, lc.offline_steps, lc.reset_every)
+    (out / "offline_meta_loss.json").write_text(
+        json.dumps({"seconds": time.time() - t0, "meta_loss": history})
+    )
+    torch.save(updater.loss_fn.state_dict(), snap_dir / f"step{0:08d}.pt")
+    updater.on_offline_done(state.run)
 
-    def checkpoint() -> None:
-        state = {"model": model.state_dict(), "step": step, "best": best, "rng": rng_state()}
-        if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
-        if adalfl is not None:
-            state["adalfl"] = adalfl.state_dict()
-        elif lc.name == "ml3":
-            state["loss_net"] = loss_fn.state_dict()
-        save_checkpoint(last, state)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not t.progress, desc="fit", unit="step")
-    model.train()
+def _train_steps(state: _FitRun, bar: Any, stop_after: int | None) -> bool:
+    """Steps until the end (True) or until ``stop_after`` (False, as a killed run)."""
+    t, spe = state.cfg.train, state.batches.steps_per_epoch
+    state.model.train()
     running: list[float] = []
-    while step < total_steps:
-        epoch, pos = divmod(step, steps_per_epoch)
-        lr = _lr_at(oc, epoch, t.epochs)
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        if adalfl is not None:
-            adalfl.set_base_lr(lr)
-        order = _epoch_order(t.seed, epoch, n)
-        idx = order[pos * t.batch_size : (pos + 1) * t.batch_size]
-        xb, yb = x[idx].to(device), y[idx].to(device)
-        extra: dict[str, float] = {}
-        if adalfl is not None:
-            if lc.meta_batch == "next":
-                nxt = order[(pos + 1) * t.batch_size : (pos + 2) * t.batch_size]
-                if len(nxt) == 0:  # last batch of the epoch: the next epoch's first batch
-                    nxt = _epoch_order(t.seed, epoch + 1, n)[: t.batch_size]
-                base, meta = adalfl.step((xb, yb), (x[nxt].to(device), y[nxt].to(device)))
-            elif lc.meta_batch == "same":
-                base, meta = adalfl.step((xb, yb), (xb, yb))
-            else:
-                vi = val_batches.indices(step)
-                base, meta = adalfl.step((xb, yb), (vx[vi].to(device), vy[vi].to(device)))
-            extra = {"meta_loss": meta, "skipped": int(adalfl.last_step.skipped)}
-        else:
-            assert optimizer is not None
-            loss = loss_fn(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            base = loss.item()
+    while state.step < state.total_steps:
+        epoch = state.step // spe
+        lr = _lr_at(state.cfg.optim, epoch, t.epochs)
+        state.updater.set_lr(lr)
+        base, extra = state.updater.step(state.model, state.batches(state.step), state.step)
         running.append(base)
-        step += 1
+        state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{base:.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
-        end_of_epoch = step % steps_per_epoch == 0
+        end_of_epoch = state.step % spe == 0
         if end_of_epoch:
-            val = evaluate(model, *data.val, data.task)
-            record = {
-                "step": step,
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": float(np.mean(running)),
-                "time": time.time(),
-            }
-            record.update({f"val_{k}": v for k, v in val.items()})
-            if adalfl is not None:
-                record["skipped_steps"] = adalfl.skipped_steps
-                # Snapshots of phi for plots of the loss over the run (npbml.plots).
-                snap_dir = out / "loss_snapshots"
-                snap_dir.mkdir(exist_ok=True)
-                torch.save(adalfl.loss_net.state_dict(), snap_dir / f"step{step:08d}.pt")
-            records.append(record)
-            _write_metrics(out / "metrics.jsonl", records)
+            _end_epoch(state, epoch, lr, running)
             running = []
-            if val and val["loss"] < best:
-                best = val["loss"]
-                save_checkpoint(out / "best.pt", {"model": model.state_dict(), "step": step})
-        if end_of_epoch or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            checkpoint()
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            return {"stopped_at": step}
-    bar.close()
-    final = {"step": step, "final": True}
-    final.update({f"test_{k}": v for k, v in evaluate(model, *data.test, data.task).items()})
-    if (out / "best.pt").exists():
-        best_model = build_fit_model(cfg.model, data).to(device)
-        best_model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
-        final.update(
-            {f"best_test_{k}": v for k, v in evaluate(best_model, *data.test, data.task).items()}
-        )
+        if end_of_epoch or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
+            state.save_last()
+        if stop_after is not None and state.step >= stop_after:
+            return False
+    return True
+
+
+def _end_epoch(state: _FitRun, epoch: int, lr: float, running: list[float]) -> None:
+    """Validate, log the epoch's record and keep ``best.pt`` at the lowest validation loss."""
+    data, run = state.data, state.run
+    val = evaluate(state.model, *data.val, data.task)
+    record = {
+        "step": state.step,
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": float(np.mean(running)),
+        "time": time.time(),
+    }
+    record.update({f"val_{k}": v for k, v in val.items()})
+    record.update(state.updater.on_epoch_end(run, state.step))
+    run.append_metrics(record)
+    if val and val["loss"] < state.best:
+        state.best = val["loss"]
+        run.save_best({"model": state.model.state_dict(), "step": state.step})
+
+
+def _finish(state: _FitRun) -> dict[str, Any]:
+    """Test metrics of the final and the best model, logged once; the learned loss saved."""
+    data, run = state.data, state.run
+    final: dict[str, Any] = {"step": state.step, "final": True}
+    final.update({f"test_{k}": v for k, v in evaluate(state.model, *data.test, data.task).items()})
+    if run.best_path.exists():
+        best_model = build_fit_model(state.cfg.model, data).to(state.device)
+        best_model.load_state_dict(run.load_best(state.device)["model"])
+        best = evaluate(best_model, *data.test, data.task)
+        final.update({f"best_test_{k}": v for k, v in best.items()})
+    records = run.read_metrics()
     if not records or not records[-1].get("final"):
-        records.append(final)
-        _write_metrics(out / "metrics.jsonl", records)
-    if adalfl is not None:
-        torch.save(adalfl.loss_net.state_dict(), out / "loss_net.pt")
+        run.append_metrics(final)
+    state.updater.on_finish(run)
     return final
 
 

@@ -298,3 +298,120 @@ def test_fit_matches_the_recorded_run_of_the_previous_code(tmp_path, name):
 
     recorded = json.loads(REFERENCE.read_text())["fit"][name]
     assert json.loads(json.dumps(fit_outputs(tmp_path, name))) == recorded
+
+
+def test_build_loss_builds_every_fit_loss_for_its_task(tmp_path):
+    from npbml.evomal import EvolvedLoss
+    from npbml.losses import LearnedLoss, MeanSquaredError, build_loss
+
+    p, y = torch.randn(4, 1), torch.randn(4)
+    assert torch.equal(
+        build_loss("mean_squared_error", task="regression")(p, y), (p - y[:, None]).pow(2).mean()
+    )
+    with pytest.raises(ValueError, match="classification loss, not for task 'regression'"):
+        build_loss("ce", task="regression")
+    with pytest.raises(ValueError, match="is not read from a file"):
+        build_loss("ce", checkpoint="x.pt")
+    torch.manual_seed(3)
+    net = LearnedLoss(task="regression")
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    loaded = build_loss("learned", task="regression", checkpoint=tmp_path / "net.pt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values())
+    )
+    EvolvedLoss("mul(-1, mul(y, log(f)))").save(tmp_path / "ev.json")
+    z, t = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    ev = build_loss("evolved", checkpoint=tmp_path / "ev.json")
+    torch.testing.assert_close(ev(z, t), torch.nn.functional.cross_entropy(z, t))
+    with pytest.raises(ValueError, match="loaded from a file"):
+        build_loss("evolved")
+    assert isinstance(build_loss("mean_squared_error", task="regression"), MeanSquaredError)
+
+
+def test_fit_loss_config_maps_to_one_builder():
+    from npbml.fit import FitLossConfig, build_fit_loss
+    from npbml.losses import CrossEntropy, LearnedLoss, MeanSquaredError, SparseLSR
+
+    cpu = torch.device("cpu")
+    assert isinstance(
+        build_fit_loss(FitLossConfig(name="ce"), "classification", 0, cpu), CrossEntropy
+    )
+    assert isinstance(
+        build_fit_loss(FitLossConfig(name="ce"), "regression", 0, cpu), MeanSquaredError
+    )
+    sparse = build_fit_loss(
+        FitLossConfig(name="sparse_lsr", smoothing=0.3), "classification", 0, cpu
+    )
+    assert isinstance(sparse, SparseLSR) and sparse.smoothing == 0.3
+    for name in ("ml3", "adalfl"):
+        net = build_fit_loss(FitLossConfig(name=name, hidden=[7]), "regression", 0, cpu)
+        assert isinstance(net, LearnedLoss) and net.task == "regression"
+    with pytest.raises(ConfigError, match="loss.name='evolved'.*regression"):
+        build_fit_loss(FitLossConfig(name="evolved", checkpoint="x.json"), "regression", 0, cpu)
+
+
+def _updater_setup(blobs, **loss):
+    from npbml.fit import (
+        _TrainBatches,
+        build_fit_data,
+        build_fit_loss,
+        build_fit_model,
+        build_updater,
+    )
+
+    cfg = fit_config_from_dict(_cfg(blobs, **loss))
+    torch.manual_seed(0)
+    data = build_fit_data(cfg)
+    model = build_fit_model(cfg.model, data)
+    loss_fn = build_fit_loss(cfg.loss, data.task, 0, torch.device("cpu"))
+    batches = _TrainBatches(data.train, cfg.train.batch_size, 0, torch.device("cpu"))
+    return model, build_updater(cfg, model, loss_fn, data, batches), batches
+
+
+def test_optimizer_updater_is_one_sgd_step_on_the_loss(blobs):
+    import copy
+
+    model, updater, batches = _updater_setup(blobs)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = batches(0)
+    loss, extra = updater.step(model, (x, y), 0)
+    ref_loss = torch.nn.functional.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    opt.step()
+    assert loss == ref_loss.item() and extra == {}
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert set(updater.state_dict()) == {"optimizer"}
+
+
+@pytest.mark.parametrize("meta_batch", ["next", "same", "validation"])
+def test_adalfl_updater_state_round_trip_continues_identically(blobs, meta_batch):
+    import copy
+
+    model, updater, batches = _updater_setup(blobs, name="adalfl", meta_batch=meta_batch)
+    for k in range(3):
+        updater.step(model, batches(k), k)
+    saved = copy.deepcopy({"model": model.state_dict(), **updater.state_dict()})
+    assert set(saved) == {"model", "adalfl"}
+    a = [updater.step(model, batches(k), k) for k in (3, 4)]
+    model2, updater2, _ = _updater_setup(blobs, name="adalfl", meta_batch=meta_batch)
+    model2.load_state_dict(saved["model"])
+    updater2.load_state_dict(saved)
+    b = [updater2.step(model2, batches(k), k) for k in (3, 4)]
+    assert a == b and set(a[0][1]) == {"meta_loss", "skipped"}
+    with pytest.raises(ValueError, match="not the model AdaLFL was built with"):
+        updater.step(model2, batches(0), 0)
+
+
+def test_train_batches_next_is_the_following_steps_batch(blobs):
+    from npbml.fit import _epoch_order
+
+    _, _, batches = _updater_setup(blobs)
+    spe = batches.steps_per_epoch
+    x, _ = batches(spe)  # first batch of epoch 1
+    order = _epoch_order(0, 1, len(batches.x))[: batches.batch_size]
+    assert torch.equal(x, batches.x[order])
+    assert torch.equal(
+        batches(spe - 1)[0], batches.x[_epoch_order(0, 0, len(batches.x))[(spe - 1) * 32 :]]
+    )
