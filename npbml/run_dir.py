@@ -35,7 +35,7 @@ from npbml.checkpoint import (
 )
 from npbml.config import ConfigError
 
-__all__ = ["RunDir", "diff_mappings", "read_metrics"]
+__all__ = ["RunDir", "check_resumable", "diff_mappings", "read_metrics"]
 
 
 def diff_mappings(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -73,6 +73,38 @@ def _lookup(data: Any, dotted: str) -> Any:
             return None
         data = data.get(part)
     return data
+
+
+def check_resumable(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    where: str,
+    ignore: Collection[str] = (),
+    tolerate: Callable[[list[str]], bool] | None = None,
+) -> None:
+    """:meth:`RunDir.check_resumable` for state that is not in a run directory of its own.
+
+    Args:
+        saved: The config the run was started with.
+        current: The config it is being resumed with.
+        where: What holds the run, for the message (a directory or a checkpoint file).
+        ignore: Dotted keys that may change freely.
+        tolerate: Called with the remaining changed keys; True accepts them.
+
+    Raises:
+        ConfigError: Naming the changed keys, their old and new values, and the ways out.
+    """
+    changed = [k for k in diff_mappings(saved, current) if k not in ignore]
+    if not changed or (tolerate is not None and tolerate(changed)):
+        return
+    old, new = _plain(saved), _plain(current)
+    detail = ", ".join(f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in changed)
+    raise ConfigError(
+        f"{where} holds a run with a different config (changed: {', '.join(changed)}) "
+        f"[{detail}]; resume with the same config, start over with --no-resume "
+        "(resume=False), or choose another --out"
+    )
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -175,16 +207,7 @@ class RunDir:
         Raises:
             ConfigError: Naming the changed keys, their old and new values, and the ways out.
         """
-        changed = [k for k in diff_mappings(saved, current) if k not in ignore]
-        if not changed or (tolerate is not None and tolerate(changed)):
-            return
-        old, new = _plain(saved), _plain(current)
-        detail = ", ".join(f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in changed)
-        raise ConfigError(
-            f"{self.path} holds a run with a different config (changed: {', '.join(changed)}) "
-            f"[{detail}]; resume with the same config, start over with --no-resume "
-            "(resume=False), or choose another --out"
-        )
+        check_resumable(saved, current, where=str(self.path), ignore=ignore, tolerate=tolerate)
 
     # --- metrics log ---------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:

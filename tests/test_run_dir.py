@@ -120,3 +120,15 @@ def test_a_non_writer_reads_but_never_writes(tmp_path):
     reader.truncate_metrics(0)
     assert reader.read_metrics() == [{"step": 1}]
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_check_resumable_without_a_run_directory_names_where():
+    from npbml.run_dir import check_resumable
+
+    saved = {"seed": 0, "threads": 1, "search": {"generations": 3, "population": 8}}
+    longer = {"seed": 0, "threads": 4, "search": {"generations": 9, "population": 8}}
+    free = {"threads", "search.generations"}
+    check_resumable(saved, longer, where="the checkpoint", ignore=free)
+    other = {**longer, "search": {"generations": 9, "population": 16}}
+    with pytest.raises(ConfigError, match=r"^the checkpoint holds .*search.population: 8 -> 16"):
+        check_resumable(saved, other, where="the checkpoint", ignore=free)

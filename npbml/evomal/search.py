@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from npbml.checkpoint import CheckpointError
 from npbml.config import ConfigError
 from npbml.evomal.config import (
     DataConfig,
@@ -50,11 +51,15 @@ from npbml.evomal.config import (
 from npbml.evomal.expression import EvolvedLoss, Expression
 from npbml.evomal.gp import Tokens, random_population, sel_double_tournament, vary
 from npbml.evomal.tuning import candidate_loss, init_scalars, make_mlp, sample_batch, tune_scalars
+from npbml.run_dir import RunDir, check_resumable
 from tasks.errors import TaskDataError
 
 #: Fitness of rejected and non-finite candidates (fitness is an error: lower is better).
 WORST_FITNESS = math.inf
 CHECKPOINT = "checkpoint.json"
+# Config keys a search's trajectory does not depend on: the number of generations (so a finished
+# search can be extended), the hall-of-fame size and the thread count.
+TRAJECTORY_FREE_KEYS = frozenset({"threads", "search.generations", "search.hall_of_fame"})
 _STAGES = {"model": 1, "scalars": 2, "rejection": 3, "tuning": 4, "fitness": 5, "data": 6}
 
 
@@ -365,15 +370,6 @@ def _rank(ev: Evaluation) -> tuple[float, int, str]:
     return (ev.fitness, ev.size, ev.canonical)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class SearchResult:
     """Where a search ended: its best candidate (None when every candidate failed)."""
@@ -402,6 +398,11 @@ class EvoMALSearch:
     ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir is not None else None
+        self.run_dir = (
+            RunDir(self.out, last_name=CHECKPOINT, best_name="best.json")
+            if self.out is not None
+            else None
+        )
         self.evaluator = Evaluator(cfg, data)
         self.log = log or (lambda _s: None)
         self.rng = random.Random(cfg.seed)
@@ -428,13 +429,12 @@ class EvoMALSearch:
                 "not an EvoMAL checkpoint (missing format npbml-evomal-checkpoint-1); point --out "
                 "at a fresh directory or pass --no-resume"
             )
-        then, now = _trajectory_config(state["config"]), _trajectory_config(self.cfg.to_dict())
-        if then != now:
-            diff = _diff(then, now)
-            raise ConfigError(
-                f"the checkpoint was written with a different config ({diff}); resume with the "
-                f"same config, or start over with a fresh --out directory (or --no-resume)"
-            )
+        check_resumable(
+            state["config"],
+            self.cfg.to_dict(),
+            where="the EvoMAL checkpoint",
+            ignore=TRAJECTORY_FREE_KEYS,
+        )
         self.generation = int(state["generation"])
         self.population = [tuple(t) for t in state["population"]]
         self.evaluator.cache = {k: Evaluation(**v) for k, v in state["cache"].items()}
@@ -443,21 +443,19 @@ class EvoMALSearch:
         self.history = list(state["history"])
 
     def checkpoint_path(self) -> Path | None:
-        return self.out / CHECKPOINT if self.out is not None else None
+        return self.run_dir.last_path if self.run_dir is not None else None
 
     def save(self) -> None:
-        """Write the checkpoint (atomically), best.json and hall_of_fame.json."""
-        if self.out is None:
+        """Write the checkpoint, best.json and hall_of_fame.json (each atomically)."""
+        if self.run_dir is None:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.out / CHECKPOINT, json.dumps(self.state_dict()))
+        self.run_dir.save_last(self.state_dict())
         hof = self.hall_of_fame()
-        _atomic_write(
-            self.out / "hall_of_fame.json", json.dumps([e.describe() for e in hof], indent=2)
+        self.run_dir.write_text(
+            "hall_of_fame.json", json.dumps([e.describe() for e in hof], indent=2)
         )
         if hof:
-            best = {**hof[0].describe(), "generation": self.generation}
-            _atomic_write(self.out / "best.json", json.dumps(best, indent=2) + "\n")
+            self.run_dir.save_best({**hof[0].describe(), "generation": self.generation})
 
     # --- results ---------------------------------------------------------------------------
     def hall_of_fame(self, k: int | None = None) -> list[Evaluation]:
@@ -566,16 +564,13 @@ class EvoMALSearch:
 
         ``stop_after`` stops after that generation index (to interrupt a search on purpose).
         """
-        ckpt = self.checkpoint_path()
-        if resume and ckpt is not None and ckpt.exists():
+        if resume and self.run_dir is not None and self.run_dir.has_last():
             try:
-                state = json.loads(ckpt.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{ckpt} is not valid JSON ({exc}); delete it or pass --no-resume"
-                ) from None
+                state = self.run_dir.load_last()
+            except CheckpointError as exc:
+                raise ConfigError(str(exc)) from None
             self.load_state_dict(state)
-            self.log(f"resumed from {ckpt} at generation {self.generation}")
+            self.log(f"resumed from {self.run_dir.last_path} at generation {self.generation}")
         if self.generation < 0:
             self._initialise()
         while self.generation < self.cfg.search.generations:
@@ -592,24 +587,6 @@ class EvoMALSearch:
         else:
             self.log("no candidate passed rejection and produced a finite fitness")
         return res
-
-
-def _trajectory_config(d: dict[str, Any]) -> dict[str, Any]:
-    """The config keys a search's trajectory depends on: all but the number of generations
-    (so a finished search can be extended), the hall-of-fame size and the thread count."""
-    d = json.loads(json.dumps(d))
-    d.pop("threads", None)
-    d.get("search", {}).pop("generations", None)
-    d.get("search", {}).pop("hall_of_fame", None)
-    return d
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: checkpoint {a!r} vs now {b!r}"
 
 
 def run_search(
