@@ -150,10 +150,15 @@ def test_sampler(args: argparse.Namespace) -> Any:
     from npbml.config import load_config
     from npbml.train import make_tasksets
 
+    return make_tasksets(load_config(args.config, test_data_sets(args))).test
+
+
+def test_data_sets(args: argparse.Namespace) -> list[str]:
+    """Config overrides under which the config's test sampler draws the fixed test episodes."""
     sets = [f"data.ways={args.ways}", f"train.seed={args.test_seed}"]
     if args.within_alphabet:
         sets.append("data.options.within_alphabet=test")
-    return make_tasksets(load_config(args.config, sets)).test
+    return sets
 
 
 def evaluate_learner(learner: Any, sampler: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -171,23 +176,50 @@ def evaluate_learner(learner: Any, sampler: Any, args: argparse.Namespace) -> di
 
 
 def proto_row(
-    row: str, args: argparse.Namespace, pre: dict[str, Any], sampler: Any
+    row: str, args: argparse.Namespace, pre: dict[str, Any], out: Path, sampler: Any
 ) -> dict[str, Any]:
-    """Nearest prototype (no training) on the backbone the NPBML rows of this seed start from."""
+    """Nearest prototype (no training) on the backbone the NPBML rows of this seed start from.
+
+    Also writes ``OUT/seedS/<row>.pt``, a learner checkpoint that ``npbml eval --checkpoint``
+    reads like a trained run's (its config draws the same test episodes)."""
     from npbml.algorithms.prototype import PrototypeClassifier
     from npbml.config import load_config
     from npbml.models import build_model
     from npbml.pretrain import load_backbone_weights
 
-    config = load_config(args.config, [f"data.ways={args.ways}"])
+    distance = PROTO_ROWS[row]
+    sets = [
+        *test_data_sets(args),
+        "algorithm.name=proto",
+        f"algorithm.options={{distance: {distance}}}",
+    ]
+    config = load_config(args.config, sets)
     x = sampler.sample(0).support_x
     kwargs = {"num_classes": args.ways, "in_channels": int(x.shape[1])}
     kwargs["image_size"] = int(x.shape[-1])
     model = build_model(config.model.name, **{**kwargs, **config.model.options})
     load_backbone_weights(model, pre["backbone"])
-    learner = PrototypeClassifier(model, distance=PROTO_ROWS[row])  # type: ignore[arg-type]
+    learner = PrototypeClassifier(model, distance=distance)  # type: ignore[arg-type]
+    save_learner_checkpoint(out / f"{row}.pt", learner, config, kwargs)
     res = evaluate_learner(learner, sampler, args)
     return {"row": row, "train_s": 0.0, "best_val_accuracy": None, **res}
+
+
+def save_learner_checkpoint(path: Path, learner: Any, config: Any, model_kwargs: dict) -> None:
+    """A checkpoint of an untrained learner in the layout :func:`npbml.train.load_learner` reads
+    (step 0, no optimizer state): what ``npbml eval`` needs."""
+    from npbml.checkpoint import save_checkpoint
+    from npbml.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": 0,
+        "config": config.to_dict(),
+        "model_kwargs": dict(model_kwargs),
+        "learner": learner.state_dict(),
+    }
+    save_checkpoint(path, state)
 
 
 def trained_row(
@@ -234,7 +266,7 @@ def run_seed(args: argparse.Namespace, seed: int, sampler: Any) -> dict[str, Any
 
     def one(row: str) -> dict[str, Any]:
         if row in PROTO_ROWS:
-            return proto_row(row, args, pre, sampler)
+            return proto_row(row, args, pre, out, sampler)
         return trained_row(row, args, seed, pre, out, sampler)
 
     with ThreadPoolExecutor(args.workers) as pool:

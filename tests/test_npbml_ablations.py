@@ -98,3 +98,26 @@ def test_bad_flags_name_the_problem(ab) -> None:
     args = ab.parse_args(["--pretrain-steps", "4000", "--pretrain-batch", "128"])
     assert (args.pretrain_steps, args.pretrain_batch) == (4000, 128)
     assert args.rows[:3] == ["maml", "proto-cosine", "proto-euclidean"]
+
+
+def test_proto_checkpoint_works_with_npbml_eval(run, ab) -> None:
+    # The proto row's checkpoint: load_learner rebuilds it from the registry ("proto"), its
+    # config draws the very test episodes of the table, and `npbml eval` scores it the same.
+    import subprocess
+    import sys
+
+    from npbml.evaluate import evaluate
+    from npbml.train import load_learner, make_tasksets
+
+    path = run["out"] / "seed1" / "proto-euclidean.pt"
+    learner, config, _ = load_learner(path)
+    assert type(learner).__name__ == "PrototypeClassifier" and learner.distance == "euclidean"
+    sampler = make_tasksets(config).test
+    res = evaluate(learner, sampler, ab.QUICK["tasks"], per_task=True)
+    row = run["res"]["seeds"]["1"]["rows"]["proto-euclidean"]
+    assert res["accuracies"] == pytest.approx(row["accuracies"])
+    cmd = [sys.executable, "-m", "npbml", "eval", "--checkpoint", str(path), "--json"]
+    cmd += ["--tasks", str(ab.QUICK["tasks"])]
+    out = subprocess.run(cmd, cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["accuracy"] == pytest.approx(row["accuracy"])
