@@ -156,3 +156,12 @@ def test_bad_input_names_the_fix() -> None:
         learner(HAND.query_x)
     with pytest.raises(ValueError, match="at least one support example"):
         class_prototypes(torch.zeros(2, 3), torch.tensor([0, 2]), 3)
+
+
+def test_parallel_evaluation_gives_the_same_episodes_and_accuracies() -> None:
+    learner = PrototypeClassifier(Conv4(1, 5, hidden=8, image_size=16), distance="euclidean")
+    data = TensorClassDataset.from_labels(torch.rand(48, 1, 16, 16), np.arange(48) % 8)
+    sampler = TaskSampler(data, ways=5, shots=1, queries=3, seed=1)
+    one = evaluate(learner, sampler, 8, per_task=True)
+    two = evaluate(learner, sampler, 8, per_task=True, workers=2)
+    assert two["accuracies"] == one["accuracies"]
