@@ -485,6 +485,25 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     return args
 
 
+def check_same_data(args: argparse.Namespace) -> None:
+    """Every row is tested on episodes drawn from ``--config``'s data section: the MAML config
+    must describe the same data (else its learner would be scored on images it never saw)."""
+    if "maml" not in args.rows:
+        return
+    import dataclasses
+
+    from npbml.config import load_config
+
+    ours, maml = (dataclasses.asdict(load_config(c).data) for c in (args.config, args.maml_config))
+    diff = sorted(k for k in {**ours, **maml} if k != "ways" and ours.get(k) != maml.get(k))
+    if diff:
+        raise SystemExit(
+            f"--maml-config {args.maml_config} and --config {args.config} differ in data."
+            f"{', data.'.join(diff)}: the rows would not share test episodes; make the data "
+            "sections equal"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -493,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Evaluation runs here, beside the training processes: one intra-op thread each.
     torch.set_num_threads(1)
+    check_same_data(args)
     sampler = test_sampler(args)
     per_seed = {seed: run_seed(args, seed, sampler) for seed in args.seeds}
     results = {

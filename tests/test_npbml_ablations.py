@@ -121,3 +121,9 @@ def test_proto_checkpoint_works_with_npbml_eval(run, ab) -> None:
     out = subprocess.run(cmd, cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["accuracy"] == pytest.approx(row["accuracy"])
+
+
+def test_maml_config_must_share_the_data_section(ab) -> None:
+    ab.check_same_data(ab.parse_args([]))  # the shipped configs agree
+    with pytest.raises(SystemExit, match="differ in data.name"):
+        ab.check_same_data(ab.parse_args(["--maml-config", "configs/demo.yaml"]))
