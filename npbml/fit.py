@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -559,7 +559,9 @@ def build_updater(
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class _FitRun:
-    """What one fit carries from step to step (``step``, ``best`` go into the checkpoints)."""
+    """What one fit carries from step to step, all of it checkpointed: ``running`` holds the
+    batch losses of the current epoch, so that an epoch resumed from a checkpoint taken within
+    it logs the same mean train loss as an uninterrupted one."""
 
     cfg: FitConfig
     data: FitData
@@ -570,6 +572,7 @@ class _FitRun:
     device: torch.device
     step: int = 0
     best: float = math.inf
+    running: list[float] = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:
@@ -577,7 +580,7 @@ class _FitRun:
 
     def save_last(self) -> None:
         state = {"model": self.model.state_dict(), "step": self.step, "best": self.best}
-        state["rng"] = rng_state()
+        state.update(rng=rng_state(), running=list(self.running))
         self.run.save_last({**state, **self.updater.state_dict()})
 
     def resume_or_start(self, resume: bool) -> None:
@@ -587,6 +590,7 @@ class _FitRun:
             self.model.load_state_dict(state["model"])
             self.updater.load_state_dict(state)
             self.step, self.best = int(state["step"]), float(state["best"])
+            self.running = [float(v) for v in state.get("running", [])]
             set_rng_state(state["rng"])
             self.run.truncate_metrics(self.step)
             return
@@ -664,20 +668,19 @@ def _train_steps(state: _FitRun, bar: Any, stop_after: int | None) -> bool:
     """Steps until the end (True) or until ``stop_after`` (False, as a killed run)."""
     t, spe = state.cfg.train, state.batches.steps_per_epoch
     state.model.train()
-    running: list[float] = []
     while state.step < state.total_steps:
         epoch = state.step // spe
         lr = _lr_at(state.cfg.optim, epoch, t.epochs)
         state.updater.set_lr(lr)
         base, extra = state.updater.step(state.model, state.batches(state.step), state.step)
-        running.append(base)
+        state.running.append(base)
         state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{base:.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
         end_of_epoch = state.step % spe == 0
         if end_of_epoch:
-            _end_epoch(state, epoch, lr, running)
-            running = []
+            _end_epoch(state, epoch, lr)
+            state.running = []
         if end_of_epoch or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
             state.save_last()
         if stop_after is not None and state.step >= stop_after:
@@ -685,7 +688,7 @@ def _train_steps(state: _FitRun, bar: Any, stop_after: int | None) -> bool:
     return True
 
 
-def _end_epoch(state: _FitRun, epoch: int, lr: float, running: list[float]) -> None:
+def _end_epoch(state: _FitRun, epoch: int, lr: float) -> None:
     """Validate, log the epoch's record and keep ``best.pt`` at the lowest validation loss."""
     data, run = state.data, state.run
     val = evaluate(state.model, *data.val, data.task)
@@ -693,7 +696,7 @@ def _end_epoch(state: _FitRun, epoch: int, lr: float, running: list[float]) -> N
         "step": state.step,
         "epoch": epoch + 1,
         "lr": lr,
-        "train_loss": float(np.mean(running)),
+        "train_loss": float(np.mean(state.running)),
         "time": time.time(),
     }
     record.update({f"val_{k}": v for k, v in val.items()})

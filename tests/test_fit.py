@@ -415,3 +415,19 @@ def test_train_batches_next_is_the_following_steps_batch(blobs):
     assert torch.equal(
         batches(spe - 1)[0], batches.x[_epoch_order(0, 0, len(batches.x))[(spe - 1) * 32 :]]
     )
+
+
+@pytest.mark.parametrize("loss", [{"name": "ce"}, {"name": "adalfl", "meta_batch": "same"}])
+def test_resume_within_an_epoch_logs_the_same_train_loss(blobs, tmp_path, loss):
+    # Killed at step 13: the last checkpoint (step 12) is in the middle of epoch 2 (steps 9-16),
+    # whose logged train loss averages steps 9-12 from before the kill and 13-16 after it.
+    cfg = _cfg(blobs, **loss)
+    full = fit(cfg, tmp_path / "full")
+    assert fit(cfg, tmp_path / "killed", stop_after=13) == {"stopped_at": 13}
+    assert fit(cfg, tmp_path / "killed") == full
+
+    def lines(run):
+        text = (tmp_path / run / "metrics.jsonl").read_text()
+        return [{k: v for k, v in json.loads(s).items() if k != "time"} for s in text.splitlines()]
+
+    assert lines("killed") == lines("full")
