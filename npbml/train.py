@@ -4,6 +4,12 @@ One outer step (METHODS.md sections 2-3): draw a meta-batch of ``B`` tasks, let 
 compute the meta-loss ``(1/B) sum_i L(Q_i; theta_i')`` of its adapted parameters, and take an
 optimizer step on the meta-parameters (Adam by default, Finn et al. 2017).
 
+The loop (:func:`train`): a :class:`TrainState` (learner, optimizer, schedule, samplers, step,
+best validation accuracy, the open log interval) advanced by :func:`meta_step` and checked by
+:func:`validate`; the files go through a :class:`~npbml.run_dir.RunDir`, and multi-process
+concerns through the one interface of :mod:`npbml.parallel`, so the loop reads the same with or
+without torchrun.
+
 Run directory ``DIR``:
 
 - ``config.yaml``: the validated config of the run;
