@@ -5,8 +5,9 @@ the experiment config (:class:`Config`, ``npbml train``/``eval``/``demo``/``pret
 supervised-training config (:class:`FitConfig`, ``npbml fit``; :mod:`npbml.fit` re-exports it)
 and the EvoMAL search config (:class:`npbml.evomal.config.EvolveConfig`, ``npbml evolve``).
 
-An experiment config file has one mapping per section (``data``, ``model``, ``algorithm``, ``train``,
-``eval``); every key is checked against the section's dataclass, so a typo fails loudly::
+An experiment config file has one mapping per section (``data``, ``model``, ``algorithm``,
+``train``, ``eval``); every key is checked against the section's dataclass, so a typo fails
+loudly::
 
     unknown key 'inner_lrr' in section 'algorithm'; valid keys: eval_inner_steps, first_order, ...
 

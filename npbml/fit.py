@@ -23,7 +23,6 @@ keys are errors (validated with the strict dataclass builder of :mod:`npbml.conf
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -49,7 +48,6 @@ from npbml.config import (  # the fit schema lives with the other configs; re-ex
     FitOptimConfig,
     FitTrainConfig,  # noqa: F401  (re-exported: ``from npbml.fit import FitTrainConfig``)
     fit_config_from_dict,
-    read_yaml,
 )
 from npbml.inner import InnerSGD
 from npbml.loss_learning.adalfl import AdaLFL
@@ -761,60 +759,3 @@ class _ValidationBatches:
         rnd, pos = divmod(step, self.per_pass)
         order = _epoch_order(self.seed + 1, rnd, self.n)
         return order[pos * self.bs : (pos + 1) * self.bs]
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (wired by npbml/cli.py as ``npbml fit``)
-# ---------------------------------------------------------------------------------------------
-FIT_HELP = (
-    "ordinary supervised training (CE, label smoothing, SparseLSR, learned loss, ML3, AdaLFL, "
-    "evolved loss)"
-)
-
-
-def fit_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the options of ``npbml fit`` to parser ``p``."""
-    p.add_argument("--config", required=True, help="YAML file with data/model/optim/loss/train")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
-
-
-def add_fit_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``fit`` sub-command to an ``argparse`` sub-parsers object; returns its parser
-    (``args.func`` is :func:`run_fit`)."""
-    p = subparsers.add_parser("fit", help=FIT_HELP, description=FIT_HELP)
-    fit_arguments(p)
-    p.set_defaults(func=run_fit)
-    return p
-
-
-def run_fit(args: argparse.Namespace) -> int:
-    """Entry point of ``npbml fit``: load and validate the config, train, print final metrics."""
-    from npbml.config import apply_overrides
-
-    raw = apply_overrides(read_yaml(args.config), args.set)
-    cfg = fit_config_from_dict(raw)
-    final = fit(cfg, args.out, resume=not args.no_resume)
-    print(json.dumps(final))
-    return 0
-
-
-def _register_cli() -> None:
-    """Register ``npbml fit`` with :mod:`npbml.cli` (active once ``"npbml.fit"`` is listed in
-    ``npbml.cli.SUBCOMMAND_MODULES``, which imports this module)."""
-    try:
-        from npbml.cli import _SUBCOMMANDS, subcommand
-    except ImportError:  # a CLI without the registry: use add_fit_parser instead
-        return
-    if "fit" not in _SUBCOMMANDS:
-        subcommand("fit", FIT_HELP, fit_arguments)(run_fit)
-
-
-_register_cli()

@@ -168,21 +168,92 @@ def test_usage_errors_exit_2():
     assert e.value.code == 2
 
 
-def test_subcommands_are_extensible(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_SUBCOMMANDS", dict(cli._SUBCOMMANDS))
+def test_commands_are_an_explicit_list(monkeypatch, capsys):
+    """build_parser offers exactly cli.COMMANDS; adding a Command to the list adds a command."""
+    names = [c.name for c in cli.COMMANDS]
+    assert names == [
+        "train",
+        "eval",
+        "eval-lake",
+        "pretrain",
+        "pretrain-relation",
+        "demo",
+        "fit",
+        "evolve",
+    ]
 
     def args(p):
         p.add_argument("--n", type=int, default=1)
 
-    @cli.subcommand("hello", "say hello", args)
     def hello(ns):
         print("hello" * ns.n)
         return 3
 
+    monkeypatch.setattr(
+        cli, "COMMANDS", [*cli.COMMANDS, cli.Command("hello", "say hello", args, hello)]
+    )
     assert cli.main(["hello", "--n", "2"]) == 3
     assert capsys.readouterr().out == "hellohello\n"
-    with pytest.raises(ValueError, match="already registered"):
-        cli.subcommand("hello", "again")(hello)
+    twice = [*cli.COMMANDS, cli.COMMANDS[0]]
+    with pytest.raises(ValueError, match="two commands are named 'train'"):
+        cli.build_parser(twice)
+
+
+def _parser_of(name):
+    """The argparse parser of one command, as build_parser makes it."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[name]
+
+
+# Commands that read a config, with the arguments each needs besides --set.
+SET_COMMANDS = {
+    "train": ["--config", "c.yaml"],
+    "pretrain": ["--out", "o.pt"],
+    "pretrain-relation": ["--out", "o.pt"],
+    "demo": [],
+    "fit": ["--config", "c.yaml", "--out", "o"],
+    "evolve": ["--out", "o"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SET_COMMANDS))
+def test_set_flag_is_the_same_on_every_command(name):
+    """--set is one definition: same destination, metavar, repeatability and default."""
+    parser = _parser_of(name)
+    (action,) = [a for a in parser._actions if "--set" in a.option_strings]
+    assert (action.dest, action.metavar, action.default) == ("overrides", "SECTION.KEY=VALUE", [])
+    ns = parser.parse_args([*SET_COMMANDS[name], "--set", "a.b=1", "--set", "c=x y"])
+    assert ns.overrides == ["a.b=1", "c=x y"]
+    assert parser.parse_args(SET_COMMANDS[name]).overrides == []
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("train", ["train", "--config", "{cfg}", "--out", "{tmp}/r", "--quiet"]),
+        ("pretrain", ["pretrain", "--config", "{cfg}", "--out", "{tmp}/b.pt"]),
+        ("pretrain-relation", ["pretrain-relation", "--config", "{cfg}", "--out", "{tmp}/r.pt"]),
+        ("demo", ["demo", "--out", "{tmp}/d", "--minutes", "1"]),
+        ("fit", ["fit", "--config", "{cfg}", "--out", "{tmp}/f"]),
+        ("evolve", ["evolve", "--out", "{tmp}/e"]),
+    ],
+)
+def test_set_with_an_unknown_key_fails_the_same_on_every_command(name, argv, tmp_path, capsys):
+    """An override is applied before validation on every command: a misspelt key is exit code 2
+    with one line naming it and listing the section's valid keys; nothing is written."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    argv = [a.format(cfg=cfg, tmp=tmp_path) for a in argv]
+    section, key, valid = (
+        ("search", "populaton", "population")
+        if name == "evolve"
+        else (("train", "epochz", "epochs") if name == "fit" else ("train", "seedz", "seed"))
+    )
+    assert cli.main([*argv, "--set", f"{section}.{key}=1"]) == 2
+    err = _error_line(capsys)
+    assert f"unknown key '{key}' in section '{section}'; valid keys: " in err and valid in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
 def test_python_dash_m_entry_point():
@@ -190,7 +261,7 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "npbml", "--help"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0
-    for name in ("train", "eval", "eval-lake", "demo"):
+    for name in ("train", "eval", "eval-lake", "demo", "pretrain", "fit", "evolve"):
         assert name in out.stdout
 
 
