@@ -313,3 +313,31 @@ def test_train_default_out_dir(tiny_yaml, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--config", str(tiny_yaml), "--quiet", "--max-steps", "1"]) == 0
     assert (tmp_path / "runs" / "tiny" / "last.pt").is_file()
+
+
+def test_nothing_in_the_library_imports_the_cli():
+    """Importing every library module (all but npbml.cli.* and the ``python -m`` entry point)
+    leaves npbml.cli unimported: the CLI sits on top, as docs/ARCHITECTURE.md's layers ask."""
+    # Module names from the files (pkgutil.walk_packages would import npbml.cli to walk it).
+    code = (
+        "import importlib, sys\n"
+        "from pathlib import Path\n"
+        "import npbml\n"
+        "root = Path(npbml.__file__).parent\n"
+        "for f in sorted(root.rglob('*.py')):\n"
+        "    parts = ('npbml',) + f.relative_to(root).with_suffix('').parts\n"
+        "    if parts[-1] == '__init__':\n"
+        "        parts = parts[:-1]\n"
+        "    if parts[:2] == ('npbml', 'cli') or parts[-1] == '__main__':\n"
+        "        continue\n"
+        "    try:\n"
+        "        importlib.import_module('.'.join(parts))\n"
+        "    except ImportError as e:\n"
+        "        if (e.name or '').startswith('npbml'):\n"
+        "            raise\n"  # an optional third-party package may be missing; ours may not
+        "assert 'npbml.cli' not in sys.modules, [k for k in sys.modules if 'npbml.cli' in k]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
