@@ -55,6 +55,21 @@ NPBML_ROWS = [
     "loss:+query",
     "loss:+reg",
 ]
+# A row may add NPBML options to an ablation row: "full/head_init=proto" is the full row with the
+# Proto-MAML head (ROW/KEY=VALUE[/KEY=VALUE...], values as in --set).
+OPTION_SEP = "/"
+
+
+def base_row(row: str) -> str:
+    """The ablation row a variant row builds on (``"full/head_init=proto"`` -> ``"full"``)."""
+    return row.split(OPTION_SEP, 1)[0]
+
+
+def row_options(row: str) -> list[str]:
+    """The ``KEY=VALUE`` NPBML option overrides of a variant row (empty for a plain row)."""
+    return row.split(OPTION_SEP)[1:]
+
+
 # Nearest-prototype rows -> distance ("proto" is short for the cosine one).
 PROTO_ROWS = {"proto-cosine": "cosine", "proto-euclidean": "euclidean", "proto": "cosine"}
 DEFAULT_ROWS = ["maml", "proto-cosine", "proto-euclidean", *NPBML_ROWS]
@@ -106,7 +121,9 @@ def pretrain(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     """Backbone (best-validation checkpoint) and, when a row needs it, relation network of
     ``seed`` into ``out``; existing files are reused. Returns what was used, with timings."""
     backbone, relation = out / "backbone.pt", out / "relation.pt"
-    need_relation = any(r in NPBML_ROWS and r not in NO_RELATION_ROWS for r in args.rows)
+    need_relation = any(
+        base_row(r) in NPBML_ROWS and base_row(r) not in NO_RELATION_ROWS for r in args.rows
+    )
     data_sets = [f"data.ways={args.ways}"]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
@@ -229,6 +246,7 @@ def trained_row(
     from npbml.train import load_learner
 
     name = "maml" if row == "maml" else row.replace(":", "_").replace("+", "plus_")
+    name = name.replace(OPTION_SEP, "__").replace("=", "-")
     run, log = out / name, out / f"{name}.log"
     sets = [
         f"train.meta_steps={args.meta_steps}",
@@ -239,14 +257,24 @@ def trained_row(
         *(QUICK_TRAIN_SETS if args.quick else []),
     ]
     if row != "maml":
-        sets += [f"algorithm.options.ablation={row}"]
+        sets += [f"algorithm.options.ablation={base_row(row)}"]
+        sets += [f"algorithm.options.{kv}" for kv in row_options(row)]
         sets += [f"algorithm.options.backbone_checkpoint={Path(pre['backbone']).resolve()}"]
         if pre["relation"]:
             sets += [f"algorithm.options.relation_checkpoint={Path(pre['relation']).resolve()}"]
     config = args.maml_config if row == "maml" else args.config
-    t0 = time.perf_counter()
-    npbml(*_with_sets(["train", "--config", config, "--out", str(run), "--quiet"], sets), log=log)
-    train_s = time.perf_counter() - t0
+    # A finished run with the same command is reused (e.g. one 20-way training scored on
+    # cross- and on within-alphabet test episodes by two invocations with the same --out).
+    done = run / "ablation_done.json"
+    cmd = ["train", "--config", config, "--out", str(run), "--quiet"]
+    previous = json.loads(done.read_text()) if done.exists() else {}
+    if previous.get("cmd") == _with_sets(cmd, sets):
+        train_s = previous["train_s"]
+    else:
+        t0 = time.perf_counter()
+        npbml(*_with_sets(cmd, sets), log=log)
+        train_s = time.perf_counter() - t0
+        done.write_text(json.dumps({"cmd": _with_sets(cmd, sets), "train_s": train_s}))
     vals = [
         json.loads(line)
         for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -473,9 +501,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         for k, v in QUICK.items():
             setattr(args, k, v)
     known = {"maml", *PROTO_ROWS, *NPBML_ROWS}
-    bad = [r for r in args.rows if r not in known]
+    bad = [
+        r
+        for r in args.rows
+        if base_row(r) not in known
+        or (row_options(r) and base_row(r) not in NPBML_ROWS)
+        or any("=" not in kv for kv in row_options(r))
+    ]
     if bad:
-        p.error(f"unknown row {bad[0]!r}; choose from {', '.join(sorted(known))}")
+        p.error(
+            f"unknown row {bad[0]!r}; choose from {', '.join(sorted(known))}, or an NPBML row "
+            f"with option overrides such as full{OPTION_SEP}head_init=proto"
+        )
     if len(set(args.rows)) != len(args.rows):
         p.error(f"--rows has duplicates: {args.rows}")
     # References that are not rows of this run are dropped (the defaults may not apply).

@@ -27,9 +27,31 @@ def run(ab, omniglot_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     md = out / "results.md"
     md.write_text("# Results\n\nkeep me\n")
     argv = ["--quick", "--out", str(out), "--seeds", "0", "1", "--within-alphabet"]
-    argv += ["--rows", "proto-cosine", "proto-euclidean", "init", "--markdown", str(md)]
+    argv += ["--rows", "proto-cosine", "proto-euclidean", "init", "init/head_init=proto"]
+    argv += ["--markdown", str(md)]
     assert ab.main(argv) == 0
-    return {"out": out, "md": md.read_text(), "res": json.loads((out / "results.json").read_text())}
+    return {
+        "out": out,
+        "argv": argv,
+        "md": md.read_text(),
+        "res": json.loads((out / "results.json").read_text()),
+    }
+
+
+def test_variant_row_trains_with_its_options_and_finished_runs_are_reused(run, ab) -> None:
+    import yaml
+
+    seed0 = run["out"] / "seed0"
+    snap = yaml.safe_load((seed0 / "init__head_init-proto" / "config.yaml").read_text())
+    assert snap["algorithm"]["options"]["head_init"] == "proto"
+    assert snap["algorithm"]["options"]["ablation"] == "init"
+    plain = yaml.safe_load((run["out"] / "seed0" / "init" / "config.yaml").read_text())
+    assert plain["algorithm"]["options"]["head_init"] == "row"
+    # Same command again: no retraining (same recorded time), same accuracies.
+    before = run["res"]["seeds"]["0"]["rows"]["init"]
+    assert ab.main(run["argv"]) == 0
+    again = json.loads((run["out"] / "results.json").read_text())["seeds"]["0"]["rows"]["init"]
+    assert again["train_s"] == before["train_s"] and again["accuracies"] == before["accuracies"]
 
 
 def test_every_row_and_seed_sees_the_same_within_alphabet_episodes(run, ab) -> None:
@@ -45,7 +67,8 @@ def test_every_row_and_seed_sees_the_same_within_alphabet_episodes(run, ab) -> N
     assert len(ep["classes"]) == tasks
     assert set(res["seeds"]) == {"0", "1"}
     for seed in res["seeds"].values():
-        assert set(seed["rows"]) == {"proto-cosine", "proto-euclidean", "init"}
+        rows = {"proto-cosine", "proto-euclidean", "init", "init/head_init=proto"}
+        assert set(seed["rows"]) == rows
         for row in seed["rows"].values():
             assert len(row["accuracies"]) == tasks == row["tasks"]
             assert row["accuracy"] == pytest.approx(np.mean(row["accuracies"]))
@@ -89,8 +112,9 @@ def test_markdown_section_has_every_row_and_comparison(run) -> None:
 
 
 def test_bad_flags_name_the_problem(ab) -> None:
-    with pytest.raises(SystemExit):
-        ab.parse_args(["--rows", "protonet"])
+    for rows in (["protonet"], ["full/head_init"], ["proto-cosine/head_init=proto"]):
+        with pytest.raises(SystemExit):
+            ab.parse_args(["--rows", *rows])
     with pytest.raises(SystemExit):
         ab.parse_args(["--seeds", "0", "--seed", "1"])
     args = ab.parse_args(["--rows", "maml", "full", "--seed", "3"])
