@@ -29,6 +29,8 @@ task, which DDP's per-backward hooks would turn into ``B`` reductions per step.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +46,20 @@ from tasks.episode import Episode
 
 # torchrun's variables; RANK and WORLD_SIZE decide whether a run is distributed.
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# torch modules whose functions take ``group=dist.group.WORLD`` as a default argument. A default
+# is evaluated once, at import, so importing one of them while a group exists pins that group's
+# Python object for the life of the process: destroy_process_group() then cannot free it, and its
+# gloo threads (one transport loop, one per worker) are still running at interpreter exit, where
+# tearing them down aborts the process at random ("terminate called without an active exception",
+# SIGABRT, issue 16). torch.distributed.nn is imported lazily by torch._dynamo, which the first
+# torch.optim optimizer imports, i.e. after the group exists. Imported before the group exists,
+# the defaults are ``None`` (the default group at call time) and pin nothing.
+WORLD_DEFAULT_MODULES = (
+    "torch.distributed.nn",  # functional.py: 10 collectives with group=group.WORLD
+    "torch.distributed.optim",  # ZeroRedundancyOptimizer(group=dist.group.WORLD)
+    "torch.distributed.fsdp.sharded_grad_scaler",  # ShardedGradScaler(process_group=...)
+)
 
 
 @dataclass(frozen=True)
@@ -138,8 +154,23 @@ def init_distributed(device: torch.device) -> DistContext:
     kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://"}
     if backend == "nccl":
         kwargs["device_id"] = dev  # binds the communicator to this rank's GPU (barriers too)
+    import_world_default_modules()
     dist.init_process_group(**kwargs)
     return DistContext(rank, world, local, dev, backend, owns_group=True)
+
+
+def import_world_default_modules() -> None:
+    """Import :data:`WORLD_DEFAULT_MODULES` while no process group exists (see there).
+
+    Call it before ``dist.init_process_group`` wherever a group is created (:func:`init_distributed`
+    does); afterwards it is too late: a module imported while the group exists keeps it alive.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return  # importing now would pin the existing group
+    for name in WORLD_DEFAULT_MODULES:
+        # A torch build without one of them cannot pin anything with it either.
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def shutdown(ctx: DistContext) -> None:

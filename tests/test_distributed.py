@@ -4,9 +4,10 @@ resumes exactly.
 
 Two torchrun launches (``python -m torch.distributed.run --standalone --nproc_per_node=2``, which
 picks a free port itself; one torch thread per process): the real entry point ``-m npbml train
---max-steps 1`` (train() creates and destroys the process group), then :data:`WORKER`, which
-creates one group itself and calls ``train()`` several times in it (resume, uninterrupted run,
-bad meta-batch size, a NaN on one rank), saving a process start per run. The reference is an
+--max-steps 1`` (:data:`CLI` runs it as ``-m`` does; train() creates and destroys the process
+group), then :data:`WORKER`, which creates one group itself and calls ``train()`` several times in
+it (resume, uninterrupted run, bad meta-batch size, a NaN on one rank), saving a process start per
+run. Both then list the gloo threads left after the group was destroyed. The reference is an
 in-process single-process ``train()`` of the same config: SGD with meta-rate 1, so that after one
 step ``theta_1 - theta_0 = -grad`` and comparing parameters compares meta-gradients.
 """
@@ -68,6 +69,38 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+# Ends each torchrun script: this rank's threads named after gloo (its transport loop and
+# workers), written to ``{leftovers}.{RANK}`` after the group was destroyed ("?": no /proc). A group
+# that outlives destroy_process_group() keeps them running into interpreter exit, where tearing
+# them down aborted a rank at random (SIGABRT, "terminate called without an active exception";
+# issue 16); test_no_gloo_thread_outlives_the_process_group asserts there are none.
+LEFTOVER_THREADS = """
+import os as _os
+_tasks = "/proc/self/task"
+if _os.path.isdir(_tasks):
+    _names = [open(f"{_tasks}/{t}/comm").read().strip() for t in _os.listdir(_tasks)]
+    _left = "\\n".join(n for n in _names if "gloo" in n)
+else:
+    _left = "?"
+with open(f"{leftovers}.{_os.environ['RANK']}", "w") as _f:
+    _f.write(_left)
+"""
+
+# ``python -m npbml ARGS`` run as the interpreter runs it (runpy), then LEFTOVER_THREADS.
+CLI = """
+import runpy
+import sys
+leftovers = sys.argv.pop(1)
+sys.argv[0] = "npbml"
+try:
+    runpy.run_module("npbml", run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as e:
+    code = e.code
+LEFTOVER_THREADS
+sys.exit(code)
+""".replace("LEFTOVER_THREADS", LEFTOVER_THREADS)
+
 # Runs in each of 2 torchrun processes: one process group (created here, so train() uses it as
 # it is) for several train() calls, which saves a process start per run.
 WORKER = """
@@ -78,9 +111,11 @@ import torch.distributed as dist
 from npbml.config import ConfigError, load_config
 from npbml.train import make_tasksets, train
 
-config_file, resume_dir, full_dir, nan_dir, errors = sys.argv[1:]
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+from npbml.distributed import init_distributed, shutdown
+
+config_file, resume_dir, full_dir, nan_dir, errors, leftovers = sys.argv[1:]
+ctx = init_distributed(torch.device("cpu"))
+rank = ctx.rank
 config = load_config(config_file)
 train(config, resume_dir, progress=False)  # resumes the run paused by the CLI
 train(config, full_dir, progress=False)  # uninterrupted
@@ -113,10 +148,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     res = train(nan_config, nan_dir, tasksets=ts, progress=False)
 torch.save(res.learner.state_dict(), f"{nan_dir}/params.{rank}.pt")
-dist.destroy_process_group()
+shutdown(ctx)
+LEFTOVER_THREADS
 """
 NAN_TRAIN = {"meta_steps": 3, "val_every": 100, "checkpoint_every": 100}
 WORKER = WORKER.replace("NAN_OVERRIDES", repr([f"train.{k}={v}" for k, v in NAN_TRAIN.items()]))
+WORKER = WORKER.replace("LEFTOVER_THREADS", LEFTOVER_THREADS)
 
 
 def _strip_timing(records):
@@ -136,16 +173,20 @@ def runs(tmp_path_factory):
     config_file = root / "tiny.yaml"
     _config().save(config_file)
     resumed_dir = root / "two_resumed"
+    cli = root / "cli.py"
+    cli.write_text(CLI)
     paused = _torchrun(
-        "-m", "npbml", "train", "--config", str(config_file), "--out", str(resumed_dir),
-        "--quiet", "--max-steps", "1",
+        str(cli), str(root / "left_cli"),
+        "train", "--config", str(config_file), "--out", str(resumed_dir), "--quiet",
+        "--max-steps", "1",
     )  # fmt: skip
     step1 = load_checkpoint(resumed_dir / "last.pt")
     shutil.copytree(resumed_dir, root / "two_step1")  # for a 1-process resume
     worker = root / "worker.py"
     worker.write_text(WORKER)
     full_dir, nan_dir, errors = root / "two_full", root / "two_nan", root / "err"
-    _torchrun(str(worker), *map(str, (config_file, resumed_dir, full_dir, nan_dir, errors)))
+    left = root / "left_worker"
+    _torchrun(str(worker), *map(str, (config_file, resumed_dir, full_dir, nan_dir, errors, left)))
     train(_config(), root / "one", max_steps=1, progress=False)
     single1 = load_checkpoint(root / "one" / "last.pt")
     train(_config(), root / "one", progress=False)
@@ -265,6 +306,22 @@ def test_a_nonfinite_step_on_one_rank_is_skipped_on_all_ranks(runs, tmp_path):
     assert [(r["step"], r["split"], r.get("skipped")) for r in records] == [
         (r["step"], r["split"], r.get("skipped")) for r in ref
     ]
+
+
+def test_no_gloo_thread_outlives_the_process_group(runs):
+    # Both launches: the CLI (train() creates and destroys the group) and the worker (it creates
+    # the group with init_distributed and destroys it with shutdown). Before the fix the first
+    # optimizer imported torch.distributed.nn while the group existed, which pinned the group
+    # (module WORLD_DEFAULT_MODULES of npbml.distributed): 3 gloo threads per rank were left.
+    for launch in ("cli", "worker"):
+        for rank in (0, 1):
+            left = (runs["root"] / f"left_{launch}.{rank}").read_text()
+            if left == "?":
+                pytest.skip("no /proc/self/task: cannot list a process's threads here")
+            assert left == "", (
+                f"{launch} rank {rank}: threads {left.split()} still run after "
+                "destroy_process_group(); the group was not freed"
+            )
 
 
 def test_shards_partition_the_single_process_meta_batch():
