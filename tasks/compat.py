@@ -328,6 +328,8 @@ class EpisodesFromTaskset(IndexedEpisodes):
     ) -> torch.Tensor | None:
         """Dataset label of each episode class, or ``None`` when the task does not say."""
         labels_of = getattr(getattr(self.taskset, "dataset", None), "indices_to_labels", None)
+        if labels_of is None:
+            return None  # a custom dataset: keep the task's own labels
         y = torch.as_tensor(y)
         try:
             rows = [labels_of[dd.index] for dd in description]

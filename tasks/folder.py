@@ -36,13 +36,10 @@ def readable_image_extensions() -> frozenset[str]:
 def _size_hw(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    if isinstance(image_size, int):
-        hw = (image_size, image_size)
-    else:
-        hw = tuple(int(s) for s in image_size)
+    hw = [image_size, image_size] if isinstance(image_size, int) else [int(s) for s in image_size]
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"image_size must be a positive int or (height, width), got {image_size}")
-    return hw  # type: ignore[return-value]
+    return hw[0], hw[1]
 
 
 def decode_image(
@@ -61,11 +58,14 @@ def decode_image(
     label = name if name is not None else str(source) if isinstance(source, str | Path) else "image"
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None, 1 or 3, got {channels}")
+    img: Image.Image  # Image.open's ImageFile, then convert's and resize's plain Image
     try:
         if isinstance(source, str | os.PathLike):
             img = Image.open(source)
         else:
-            img = Image.open(io.BytesIO(memoryview(source).tobytes()))
+            # C-order bytes of an array (as memoryview(...).tobytes() gives), else the bytes.
+            data = source.tobytes() if isinstance(source, np.ndarray) else bytes(source)
+            img = Image.open(io.BytesIO(data))
         with img:
             if channels == 1 or (channels is None and img.mode in ("1", "L", "I;16", "I", "F")):
                 img = img.convert("L")
@@ -287,10 +287,13 @@ def folder_splits(
             f"image folder {root} does not exist; expected ROOT/{{train,val,test}}/<class>/ or "
             "ROOT/<class>/ with image files"
         )
-    opts = {"image_size": image_size, "channels": channels, "cache": cache, "transform": transform}
+
+    def split(path: Path, classes: Sequence[str] | None = None) -> ClassDataset:
+        return ImageFolderClasses(path, image_size, channels, classes, cache, transform)
+
     dirs = _split_dirs(root)
     if dirs is not None:
-        return {split: ImageFolderClasses(path, **opts) for split, path in dirs.items()}
+        return {name: split(path) for name, path in dirs.items()}
     names = list_class_folders(root)
     if not names:
         raise DatasetNotFoundError(
@@ -298,4 +301,4 @@ def folder_splits(
             "ROOT/<class>/ with image files"
         )
     parts = split_classes(names, fractions, split_seed)
-    return {split: ImageFolderClasses(root, classes=cls, **opts) for split, cls in parts.items()}
+    return {name: split(root, cls) for name, cls in parts.items()}

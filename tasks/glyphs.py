@@ -38,6 +38,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -152,6 +153,21 @@ def _bezier_weights(n: int) -> np.ndarray:
     return w
 
 
+class _GlyphOptions(TypedDict):
+    """The validated drawing options of :class:`GlyphClasses` (its constructor's arguments)."""
+
+    strokes: tuple[int, int]
+    rotation: float
+    scale: tuple[float, float]
+    aspect: float
+    shear: float
+    translation: float
+    point_noise: float
+    stroke_shift: float
+    stroke_width: tuple[float, float]
+    width_jitter: float
+
+
 class _Prototype:
     """A class prototype: strokes as Bezier control points plus a fixed sampling plan."""
 
@@ -182,10 +198,10 @@ class _Prototype:
             offset += len(p)
         self.idx = np.concatenate(idx).astype(np.int64)
         self.weights = np.concatenate(w)
-        stroke_of_pt = np.concatenate(stroke_of_pt)
+        stroke = np.concatenate(stroke_of_pt)  # the stroke of each sample point
         # A segment joins consecutive sample points of the same stroke.
-        self.segment_ok = stroke_of_pt[1:] == stroke_of_pt[:-1]
-        self.stroke_of_segment = stroke_of_pt[:-1][self.segment_ok]
+        self.segment_ok: np.ndarray = stroke[1:] == stroke[:-1]
+        self.stroke_of_segment = stroke[:-1][self.segment_ok]
 
     def sample(self, controls: np.ndarray) -> np.ndarray:
         """Sample points ``[I, n_pts, 2]`` of instance control points ``[I, n_ctrl, 2]``."""
@@ -279,7 +295,7 @@ def _rasterise(
     return np.floor(canvas * f4(255.0) + f4(0.5)).astype(np.uint8)
 
 
-def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple:
+def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
     lo, hi = (float(v) for v in value)
     if not (low <= lo <= hi <= high):
         raise ValueError(
@@ -351,7 +367,7 @@ class GlyphClasses(TensorClassDataset):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.class_offset = int(class_offset)
-        self.options = {
+        self.options: _GlyphOptions = {
             "strokes": (lo_s, hi_s),
             "rotation": _check_nonneg("rotation", rotation, 90.0),
             "scale": _check_range("scale", scale, 0.1, 3.0),
@@ -487,7 +503,7 @@ def save_grid(
     grid = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows], 0)
     pixels = ((1.0 - grid.clamp(0, 1)) * 255).round().to(torch.uint8).numpy()
     img = Image.fromarray(pixels, mode="L")
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     img.save(path)
     return path

@@ -64,9 +64,9 @@ def read_pickle(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path)
 
-    def load(**kw: str) -> Any:
+    def load(encoding: str = "ASCII") -> Any:
         with open(path, "rb") as f:
-            return pickle.load(f, **kw)
+            return pickle.load(f, encoding=encoding)
 
     try:
         try:

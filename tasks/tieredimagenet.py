@@ -151,4 +151,5 @@ def tiered_imagenet_splits(
     del download
     for split in SPLITS:
         tiered_imagenet_files(root, split)
+    assert root is not None  # tiered_imagenet_files raised DatasetNotFoundError otherwise
     return {split: TieredImageNet(root, split, transform) for split in SPLITS}
