@@ -16,7 +16,7 @@ DEMO_ARGS ?=
 L2L ?= 1
 L2L_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/npbml/venv-l2l
 
-.PHONY: setup demo test test-l2l lint bench clean
+.PHONY: setup demo test test-l2l lint structure typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,18 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check npbml tasks scripts tests
 
-test: setup lint
+# Structure (issue 16; ../shared/docs/ARCHITECTURE.md): no import cycles and no function over 100
+# lines in npbml/ and tasks/ (the shared tool; CI clones with ../shared beside the clone), and the
+# layering contracts of .importlinter (library code never imports a driver; tasks/ never npbml).
+structure: setup
+	$(PYTHON) ../shared/tools/structure_check.py 100
+	$(BIN)/lint-imports --no-cache
+
+# Static types of npbml/ and tasks/ ([tool.mypy] in pyproject.toml). Not yet part of `make test`.
+typecheck: setup
+	$(BIN)/mypy
+
+test: setup lint structure
 	$(BIN)/python -m pytest -q --ignore=tests/l2l
 ifeq ($(L2L),0)
 	@echo "make test: SKIPPED the learn2learn tests (tests/l2l) because L2L=0; CI runs them"
