@@ -173,6 +173,8 @@ def test_sampler(args: argparse.Namespace) -> Any:
 def test_data_sets(args: argparse.Namespace) -> list[str]:
     """Config overrides under which the config's test sampler draws the fixed test episodes."""
     sets = [f"data.ways={args.ways}", f"train.seed={args.test_seed}"]
+    if args.test_queries is not None:
+        sets.append(f"data.test_queries={args.test_queries}")
     if args.within_alphabet:
         sets.append("data.options.within_alphabet=test")
     return sets
@@ -469,6 +471,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (0)")
     p.add_argument("--seed", type=int, default=None, help="one training seed (= --seeds SEED)")
     p.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (0)")
+    p.add_argument(
+        "--test-queries",
+        type=int,
+        default=None,
+        help="query images per class in the test episodes (default: the config's)",
+    )
     p.add_argument(
         "--within-alphabet",
         action="store_true",
