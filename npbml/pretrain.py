@@ -113,6 +113,18 @@ class PretrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _feature_dim(model: nn.Module, batches: _ClassBatches, device: torch.device) -> int:
+    """Width of ``model``'s features, probed on one image (in eval mode: one image has no
+    batch statistics)."""
+    x0, _ = batches.sample(1)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        dim = _features(model, x0.to(device)).shape[1]
+        model.train(was)
+    return int(dim)
+
+
 def pretrain_backbone(
     model: nn.Module,
     dataset: ClassDataset,
@@ -145,13 +157,7 @@ def pretrain_backbone(
     torch.manual_seed(seed)
     model.to(device).train()
     batches = _ClassBatches(dataset, seed)
-    x0, _ = batches.sample(1)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        dim = _features(model, x0.to(device)).shape[1]
-        model.train(was)
-    classifier = nn.Linear(dim, dataset.num_classes).to(device)
+    classifier = nn.Linear(_feature_dim(model, batches, device), dataset.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(classifier.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -173,19 +179,15 @@ def pretrain_backbone(
         running += float(loss.detach())
         n_run += 1
         last = step == steps
-        if val_source is not None and (step % eval_every == 0 or last):
-            acc = mean_prototype_accuracy(model, val_source, val_episodes, device)
-            record = {"step": step, "loss": running / n_run, "val_accuracy": acc}
+        if step % eval_every == 0 or last:
+            record: dict[str, Any] = {"step": step, "loss": running / n_run}
             running, n_run = 0.0, 0
-            result.history.append(record)
-            if log is not None:
-                log(record)
-            if acc > result.best_accuracy:
-                result.best_accuracy, result.best_step = acc, step
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif val_source is None and (step % eval_every == 0 or last):
-            record = {"step": step, "loss": running / n_run}
-            running, n_run = 0.0, 0
+            if val_source is not None:
+                acc = mean_prototype_accuracy(model, val_source, val_episodes, device)
+                record["val_accuracy"] = acc
+                if acc > result.best_accuracy:
+                    result.best_accuracy, result.best_step = acc, step
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             result.history.append(record)
             if log is not None:
                 log(record)
