@@ -9,15 +9,14 @@ needs a relation network (Sung et al., CVPR 2018) pre-trained episodically with 
 its scores and the one-hot query labels (Sung et al., eq. 3), frozen afterwards.
 
 Functions for programmatic use (:func:`pretrain_backbone`, :func:`pretrain_relation`,
-:func:`prototype_accuracy`), checkpoint helpers (:func:`save_backbone`,
-:func:`load_backbone_weights`) and CLI pieces (``add_pretrain_arguments`` / ``run_pretrain``,
-``add_pretrain_relation_arguments`` / ``run_pretrain_relation``) that read the data and model
-sections of an experiment config.
+:func:`prototype_accuracy`), the backbone files (:mod:`npbml.models.weights`, re-exported here)
+and the drivers of ``npbml pretrain`` / ``npbml pretrain-relation``
+(:func:`run_pretrain_backbone`, :func:`run_pretrain_relation_network`, which read the data and
+model sections of an experiment config; their flags live in :mod:`npbml.cli.pretrain`).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,57 +269,8 @@ def relation_accuracy(
 
 
 # --------------------------------------------------------------------------------------------
-# CLI pieces: `npbml pretrain` and `npbml pretrain-relation` (wired up in npbml/cli.py)
+# Drivers of `npbml pretrain` / `npbml pretrain-relation` (their flags: npbml/cli/pretrain.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _common_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
-    p.add_argument("--config", help="experiment YAML; its data and model sections are used")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
-    p.add_argument("--root", default=None, help="dataset root (overrides data.root)")
-    p.add_argument("--out", required=True, help="where to write the checkpoint (.pt)")
-    p.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
-    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    p.add_argument("--val-episodes", type=int, default=50, help="validation episodes (50)")
-    p.add_argument("--eval-every", type=int, default=200, help="validate every N steps (200)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: train.seed)")
-
-
-def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``npbml pretrain`` (supervised backbone pre-training)."""
-    _common_arguments(p, steps=1000, lr=0.05)
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-
-
-def add_pretrain_relation_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``npbml pretrain-relation`` (relation network pre-training)."""
-    _common_arguments(p, steps=1000, lr=1e-3)
-    p.add_argument("--channels", type=int, default=64, help="embedding channels (default 64)")
-    p.add_argument("--hidden", type=int, default=8, help="relation FC width (default 8)")
-
-
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, int, torch.device]:
-    from npbml.config import load_config
-    from npbml.train import make_tasksets, resolve_device
-
-    config = load_config(args.config, args.overrides)
-    tasksets = make_tasksets(config, args.root)
-    seed = config.train.seed if args.seed is None else int(args.seed)
-    return config, tasksets, seed, resolve_device(args.device)
-
-
-def _printer(record: dict[str, Any]) -> None:
-    print(
-        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-    )
 
 
 def run_pretrain_backbone(
@@ -434,64 +384,3 @@ def run_pretrain_relation_network(
         relation.cpu(), out, val_accuracy=result.best_accuracy, config_used=config.to_dict()
     )
     return result, path
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    """``npbml pretrain``: pre-train the config's backbone on its meta-train classes, keep the
-    best nearest-prototype validation weights, write a backbone checkpoint to ``--out``
-    (load it with ``algorithm.options.backbone_checkpoint``).
-
-    Args:
-        args: the options of :func:`add_pretrain_arguments`.
-
-    Returns:
-        The exit code, 0.
-    """
-    config, tasksets, seed, device = _setup(args)
-    result, path = run_pretrain_backbone(
-        config,
-        tasksets,
-        args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        val_episodes=args.val_episodes,
-        eval_every=args.eval_every,
-        seed=seed,
-        device=device,
-        log=_printer,
-    )
-    print(
-        f"best validation prototype accuracy {result.best_accuracy:.4f} at step "
-        f"{result.best_step}; wrote {path}"
-    )
-    return 0
-
-
-def run_pretrain_relation(args: argparse.Namespace) -> int:
-    """``npbml pretrain-relation``: episodic relation-network pre-training on the config's task
-    distribution; writes a checkpoint to ``--out`` (``algorithm.options.relation_checkpoint``).
-
-    Args:
-        args: the options of :func:`add_pretrain_relation_arguments`.
-
-    Returns:
-        The exit code, 0.
-    """
-    config, tasksets, seed, device = _setup(args)
-    result, path = run_pretrain_relation_network(
-        config,
-        tasksets,
-        args.out,
-        steps=args.steps,
-        lr=args.lr,
-        channels=args.channels,
-        hidden=args.hidden,
-        val_episodes=args.val_episodes,
-        eval_every=args.eval_every,
-        seed=seed,
-        device=device,
-        log=_printer,
-    )
-    print(f"best validation relation accuracy {result.best_accuracy:.4f}; wrote {path}")
-    return 0

@@ -7,17 +7,19 @@ from torch import nn
 
 from npbml.algorithms.npbml import NPBML, build_npbml
 from npbml.checkpoint import CheckpointError
+from npbml.cli.pretrain import (
+    add_backbone_arguments,
+    add_relation_arguments,
+    run_pretrain,
+    run_pretrain_relation,
+)
 from npbml.models import Conv4
 from npbml.pretrain import (
-    add_pretrain_arguments,
-    add_pretrain_relation_arguments,
     load_backbone_weights,
     mean_prototype_accuracy,
     pretrain_backbone,
     pretrain_relation,
     prototype_accuracy,
-    run_pretrain,
-    run_pretrain_relation,
     save_backbone,
 )
 from npbml.relation import RelationNetwork, load_relation, save_relation
@@ -144,7 +146,7 @@ def test_cli_functions(tmp_path, capsys):
         "model: {name: conv4, options: {hidden: 4}}\n"
     )
     p = argparse.ArgumentParser()
-    add_pretrain_arguments(p)
+    add_backbone_arguments(p)
     args = p.parse_args(
         [
             "--config",
@@ -164,7 +166,7 @@ def test_cli_functions(tmp_path, capsys):
     assert run_pretrain(args) == 0
     assert (tmp_path / "bb.pt").is_file()
     p = argparse.ArgumentParser()
-    add_pretrain_relation_arguments(p)
+    add_relation_arguments(p)
     args = p.parse_args(
         [
             "--config",

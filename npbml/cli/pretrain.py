@@ -2,15 +2,19 @@
 
 METHODS.md section 3: the supervised backbone, then the relation network of the transductive
 loss. Both read the data and model sections of an experiment config and write one checkpoint;
-the work is :func:`npbml.pretrain.run_pretrain` / :func:`npbml.pretrain.run_pretrain_relation`.
+the work is :func:`npbml.pretrain.run_pretrain_backbone` /
+:func:`npbml.pretrain.run_pretrain_relation_network`.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from npbml import pretrain
+import torch
+
 from npbml.cli.common import Command, add_config_flag, add_device_flag, add_set_flag
+from npbml.pretrain import run_pretrain_backbone, run_pretrain_relation_network
 
 
 def _common_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -54,15 +58,92 @@ def add_relation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=8, help="relation FC width (default 8)")
 
 
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, int, torch.device]:
+    from npbml.config import load_config
+    from npbml.train import make_tasksets, resolve_device
+
+    config = load_config(args.config, args.overrides)
+    tasksets = make_tasksets(config, args.root)
+    seed = config.train.seed if args.seed is None else int(args.seed)
+    return config, tasksets, seed, resolve_device(args.device)
+
+
+def _printer(record: dict[str, Any]) -> None:
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    )
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """``npbml pretrain``: pre-train the config's backbone on its meta-train classes, keep the
+    best nearest-prototype validation weights, write a backbone checkpoint to ``--out``
+    (load it with ``algorithm.options.backbone_checkpoint``).
+
+    Args:
+        args: the options of :func:`add_backbone_arguments`.
+
+    Returns:
+        The exit code, 0.
+    """
+    config, tasksets, seed, device = _setup(args)
+    result, path = run_pretrain_backbone(
+        config,
+        tasksets,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_episodes=args.val_episodes,
+        eval_every=args.eval_every,
+        seed=seed,
+        device=device,
+        log=_printer,
+    )
+    print(
+        f"best validation prototype accuracy {result.best_accuracy:.4f} at step "
+        f"{result.best_step}; wrote {path}"
+    )
+    return 0
+
+
+def run_pretrain_relation(args: argparse.Namespace) -> int:
+    """``npbml pretrain-relation``: episodic relation-network pre-training on the config's task
+    distribution; writes a checkpoint to ``--out`` (``algorithm.options.relation_checkpoint``).
+
+    Args:
+        args: the options of :func:`add_relation_arguments`.
+
+    Returns:
+        The exit code, 0.
+    """
+    config, tasksets, seed, device = _setup(args)
+    result, path = run_pretrain_relation_network(
+        config,
+        tasksets,
+        args.out,
+        steps=args.steps,
+        lr=args.lr,
+        channels=args.channels,
+        hidden=args.hidden,
+        val_episodes=args.val_episodes,
+        eval_every=args.eval_every,
+        seed=seed,
+        device=device,
+        log=_printer,
+    )
+    print(f"best validation relation accuracy {result.best_accuracy:.4f}; wrote {path}")
+    return 0
+
+
 PRETRAIN = Command(
     "pretrain",
     "supervised backbone pre-training for NPBML",
     add_backbone_arguments,
-    pretrain.run_pretrain,
+    run_pretrain,
 )
 PRETRAIN_RELATION = Command(
     "pretrain-relation",
     "relation-network pre-training for NPBML's transductive loss",
     add_relation_arguments,
-    pretrain.run_pretrain_relation,
+    run_pretrain_relation,
 )
