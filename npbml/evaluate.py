@@ -54,6 +54,15 @@ def mean_confidence_interval(
     return mean, float(1.96 * x.std(ddof=ddof) / math.sqrt(n))
 
 
+#: An adapted logit above this (or non-finite) counts an episode as diverged (issue 12's bound).
+DIVERGED_LOGIT = 100.0
+
+
+def _scores(metrics: dict[str, Any]) -> tuple[float, float]:
+    """``(accuracy, max |adapted logit|)`` of one episode's metrics (0 when not reported)."""
+    return float(metrics["accuracy"]), float(metrics.get("max_abs_logit", 0.0))
+
+
 def evaluate(
     learner: Evaluable,
     sampler: EpisodeSource,
@@ -71,7 +80,9 @@ def evaluate(
     ``workers`` > 1 adapts that many episodes at once on CPU threads (an ``nn.Module`` learner;
     :func:`npbml.algorithms.task_parallel.parallel_map`); episodes are still drawn in this thread
     and the accuracies are the same as with one worker.
-    Returns ``{"accuracy": mean, "ci95": half_width, "tasks": n}`` (accuracies as fractions);
+    Returns ``{"accuracy": mean, "ci95": half_width, "tasks": n, "max_abs_logit": m,
+    "diverged": k}`` (accuracies as fractions; ``m`` the largest adapted query logit over the
+    episodes, ``k`` how many episodes exceed :data:`DIVERGED_LOGIT` or are non-finite);
     with ``per_task=True`` also ``"accuracies"``, the accuracy of each episode in index order (for
     paired comparisons of learners on the same episodes, :func:`paired_difference`).
     """
@@ -84,6 +95,7 @@ def evaluate(
         from npbml.algorithms.task_parallel import parallel_map
     chunk = 4 * workers if parallel else 1
     accs = np.empty(num_tasks, dtype=np.float64)
+    peaks = np.zeros(num_tasks, dtype=np.float64)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -97,18 +109,22 @@ def evaluate(
             res = parallel_map(
                 learner,  # type: ignore[arg-type]
                 episodes,
-                lambda rep, ep: float(rep.evaluate(ep)["accuracy"]),
+                lambda rep, ep: _scores(rep.evaluate(ep)),
                 workers,
             )
         else:
-            res = [float(learner.evaluate(e)["accuracy"]) for e in episodes]
-        accs[start : start + len(res)] = res
+            res = [_scores(learner.evaluate(e)) for e in episodes]
+        accs[start : start + len(res)] = [r[0] for r in res]
+        peaks[start : start + len(res)] = [r[1] for r in res]
         if bar is not None:
             bar.update(len(res))
     if bar is not None:
         bar.close()
     mean, h = mean_confidence_interval(accs)
     out: dict[str, Any] = {"accuracy": mean, "ci95": h, "tasks": int(num_tasks)}
+    # Divergence check: episodes whose adapted logits are non-finite or above DIVERGED_LOGIT.
+    out["max_abs_logit"] = float(peaks.max())
+    out["diverged"] = int((peaks > DIVERGED_LOGIT).sum())
     if per_task:
         out["accuracies"] = accs.tolist()
     return out

@@ -150,3 +150,21 @@ def test_pooled_paired_difference_by_hand():
     assert math.isnan(pooled_paired_difference(a[:1], b[:1])["seed_sd"])
     with pytest.raises(ValueError, match="same shape"):
         pooled_paired_difference(a, [[0.5, 0.5], [0.5, 0.5]])
+
+
+def test_evaluate_counts_diverged_episodes():
+    from npbml.evaluate import DIVERGED_LOGIT, evaluate
+
+    peaks = [1.0, DIVERGED_LOGIT * 2, float("inf"), 50.0]
+
+    class Fake:
+        def evaluate(self, episode):
+            return {"accuracy": 0.5, "max_abs_logit": peaks[int(episode)]}
+
+    class Source:
+        def sample(self, i):
+            return i
+
+    out = evaluate(Fake(), Source(), len(peaks))
+    assert out["diverged"] == 2 and out["max_abs_logit"] == float("inf")
+    assert evaluate(Fake(), Source(), 1)["diverged"] == 0

@@ -217,3 +217,29 @@ def test_proto_head_init_is_the_nearest_prototype_classifier_of_the_support_set(
     assert not any(n.startswith("model.head.") for n in names)
     learner.outer_loss(ep)[0].backward()
     assert learner.network.blocks[3].conv.weight.grad.abs().sum() > 0
+
+
+def test_a_meta_trained_npbml_never_diverges_on_within_alphabet_episodes(omniglot_root):
+    """Meta-train the full method briefly with an aggressive meta-learning rate (the loss
+    networks' weights grow fast), then adapt on 20-way within-alphabet test episodes of small2's
+    new alphabets: no episode's adapted logits leave the bound."""
+    import tasks
+    from npbml.evaluate import evaluate
+
+    ts = tasks.get_tasksets(
+        "omniglot-minimal", str(omniglot_root), ways=WAYS, shots=1, queries=1,
+        within_alphabet="test", image_size=28,
+    )
+    torch.manual_seed(0)
+    learner = _npbml(0.05, hidden=16, size=28)
+    opt = torch.optim.Adam(learner.meta_parameters(), lr=3e-2)
+    loss_params = list(learner.inner_loss.parameters())
+    before = torch.cat([p.detach().flatten() for p in loss_params]).norm()
+    for _ in range(6):
+        opt.zero_grad()
+        learner.meta_backward(ts.train.sample_batch(2))
+        opt.step()
+    after = torch.cat([p.detach().flatten() for p in loss_params]).norm()
+    assert after > 1.25 * before  # the loss networks really moved away from their init
+    res = evaluate(learner, ts.test, 8)
+    assert res["diverged"] == 0 and res["max_abs_logit"] < 100

@@ -332,4 +332,10 @@ def test_train_matches_the_recorded_run_of_the_previous_code(tmp_path):
     from reference_runs import REFERENCE, train_outputs
 
     recorded = json.loads(REFERENCE.read_text())["train"]
-    assert json.loads(json.dumps(train_outputs(tmp_path))) == recorded
+    now = json.loads(json.dumps(train_outputs(tmp_path)))
+    # Validation lines gained the divergence check (issue 12) after the recording: checked here,
+    # then dropped so that everything else must equal the recording.
+    for line in now["metrics"]:
+        if line["split"] == "validation":
+            assert line.pop("diverged") == 0 and 0 < line.pop("max_abs_logit") < 100
+    assert now == recorded

@@ -24,6 +24,7 @@ weight_decay=0), ``"none"`` keeps no graph at all (test-time adaptation).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -429,8 +430,9 @@ class GradientLearner(nn.Module):
 
     def evaluate(self, episode: Episode, inner_steps: int | None = None) -> Metrics:
         """Test-time adaptation (no meta-gradient, no graph kept) with ``inner_steps``
-        (default ``eval_inner_steps``). Returns mean ``loss``/``accuracy`` and per-task
-        ``losses``/``accuracies`` lists."""
+        (default ``eval_inner_steps``). Returns mean ``loss``/``accuracy``, per-task
+        ``losses``/``accuracies`` lists and ``max_abs_logit``, the largest adapted query logit
+        (``inf`` if one is non-finite: a diverged inner loop shows here)."""
         steps = (
             self.eval_inner_steps
             if inner_steps is None
@@ -438,12 +440,15 @@ class GradientLearner(nn.Module):
         )
         losses: list[float] = []
         accs: list[float] = []
+        peak = 0.0
         self.pop_inner_counts()
         for task in self._tasks(episode):
             fast = self._adapt(task.support_x, task.support_y, steps, "none", task.query_x)
             with torch.no_grad():
                 logits = self.forward(task.query_x, fast)
                 losses.append(float(F.cross_entropy(logits, task.query_y)))
+                top = logits.abs().max()
+                peak = max(peak, float(top) if bool(torch.isfinite(top)) else math.inf)
             accs.append(_accuracy(logits, task.query_y))
         n = len(accs)
         metrics: Metrics = {
@@ -451,6 +456,7 @@ class GradientLearner(nn.Module):
             "accuracy": sum(accs) / n,
             "losses": losses,
             "accuracies": accs,
+            "max_abs_logit": peak,
         }
         return self._add_clip_metric(metrics, [self.pop_inner_counts()])
 
