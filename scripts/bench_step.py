@@ -565,8 +565,9 @@ def _join_group(rank: int, procs: int, port: int) -> Any:
     the timeout instead of hanging)."""
     import torch.distributed as dist
 
-    from npbml.distributed import DistContext
+    from npbml.distributed import DistContext, import_world_default_modules
 
+    import_world_default_modules()  # else the group outlives destroy (npbml.distributed)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
