@@ -644,6 +644,11 @@ def meta_step(state: TrainState, group: SingleProcess, run: RunDir) -> StepStats
     state.step += 1
     if stats.finite:
         _apply(state, stats)
+        # The inner-step safeguard's share of clipped steps (this process's tasks), when the
+        # learner has one (NPBML): logged so that a safeguard that acts is seen.
+        if "inner_clipped" in info:
+            clipped = state.log_sums.get("inner_clipped", 0.0) + float(info["inner_clipped"])
+            state.log_sums["inner_clipped"] = clipped
     else:
         _skip(state, stats, run)
     return stats

@@ -339,3 +339,23 @@ def test_train_matches_the_recorded_run_of_the_previous_code(tmp_path):
         if line["split"] == "validation":
             assert line.pop("diverged") == 0 and 0 < line.pop("max_abs_logit") < 100
     assert now == recorded
+
+
+def test_npbml_run_logs_the_inner_safeguard_share(tmp_path):
+    """The safeguard's clipped fraction reaches metrics.jsonl: at a tiny threshold every inner
+    step is clipped (1.0), at a huge one none (0.0)."""
+    for threshold, expected in ((1e-6, 1.0), (1e6, 0.0)):
+        algo = {
+            "name": "npbml",
+            "inner_lr": 0.01,
+            "inner_steps": 2,
+            "options": {"ablation": "init", "inner_max_grad_norm": threshold},
+        }
+        cfg = config_from_dict(
+            tiny_run({"meta_batch_size": 2, "meta_steps": 2, "val_every": 2, "val_tasks": 2,
+                      "log_every": 1, "seed": 0, "threads": 1}, **algo)
+        )
+        out = tmp_path / f"t{threshold}"
+        train(cfg, out, progress=False)
+        lines = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+        assert lines and all(r["inner_clipped"] == expected for r in lines)
