@@ -356,7 +356,7 @@ def markdown(
     results: dict[str, Any], args: argparse.Namespace, per_seed: dict[int, dict[str, Any]]
 ) -> str:
     """The Markdown section: setup, the accuracy table and the paired-difference table."""
-    cmd = " ".join(["python scripts/npbml_ablations.py", *sys.argv[1:]])
+    cmd = results.get("command") or " ".join(["python scripts/npbml_ablations.py", *sys.argv[1:]])
     start, end = markers(args.label)
     summary, seeds = results["summary"], list(per_seed)
     kind = "within-alphabet" if args.within_alphabet else "cross-alphabet"
@@ -379,10 +379,10 @@ def markdown(
         f"proto rows): {pre['recipe']}; relation network {pre['relation_steps']} steps. proto: "
         "nearest prototype on that backbone, no meta-learning.",
         "",
-        "| row | test acc. (%) | 95% CI | per seed (%) | best val (%) | train (s) |"
+        "| row | test acc. (%) | 95% CI | per seed (%) | best val (%) | train (s) | diverged |"
         + "".join(f" vs {r} (pp) |" for r in refs)
         + (" Lake error (%) |" if args.lake else ""),
-        "|---|---:|---:|---|---:|---:|" + "---:|" * len(refs) + ("---:|" if args.lake else ""),
+        "|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(refs) + ("---:|" if args.lake else ""),
     ]
     for row in args.rows:
         s = summary["rows"][row]
@@ -390,7 +390,7 @@ def markdown(
             f"| {row} | {_pp(s['accuracy'])} | {_pp(s['ci95'])} | "
             f"{' / '.join(_pp(v) for v in s['per_seed'])} | "
             f"{_pp(_mean_over_seeds(per_seed, row, 'best_val_accuracy'))} | "
-            f"{_mean_over_seeds(per_seed, row, 'train_s') or 0:.0f} |"
+            f"{_mean_over_seeds(per_seed, row, 'train_s') or 0:.0f} | {_diverged(per_seed, row)} |"
         )
         for ref in refs:
             d = summary["paired"][ref].get(row)
@@ -401,6 +401,12 @@ def markdown(
         lines.append(line)
     lines += paired_table(summary, refs, seeds) + [end]
     return "\n".join(lines) + "\n"
+
+
+def _diverged(per_seed: dict[int, dict[str, Any]], row: str) -> str:
+    """Test episodes (all seeds) whose adapted logits left the bound, ``-`` if not measured."""
+    counts = [per_seed[s]["rows"][row].get("diverged") for s in per_seed]
+    return "-" if any(c is None for c in counts) else str(sum(counts))
 
 
 def paired_table(summary: dict[str, Any], refs: list[str], seeds: list[int]) -> list[str]:
@@ -495,6 +501,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lake", default=None, help="all_runs.zip or its folder (needs --ways 20)")
     p.add_argument("--markdown", default=None, help="update this Markdown file's section")
     p.add_argument("--quick", action="store_true", help=f"tiny settings for a smoke test: {QUICK}")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only write the Markdown section of OUT/results.json (with --markdown)",
+    )
+    p.add_argument("--command", default=None, help="with --render: the command to print")
     return check_args(p, p.parse_args(argv))
 
 
@@ -549,10 +561,27 @@ def check_same_data(args: argparse.Namespace) -> None:
         )
 
 
+def render(args: argparse.Namespace) -> int:
+    """``--render``: the Markdown section of a finished run (``OUT/results.json``), without
+    training or evaluating anything again."""
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    if args.command:
+        results["command"] = args.command
+    run_args = argparse.Namespace(**results["args"])
+    run_args.label = args.label or run_args.label
+    per_seed = {int(k): v for k, v in results["seeds"].items()}
+    if not args.markdown:
+        raise SystemExit("--render needs --markdown FILE (where to write the section)")
+    write_markdown(Path(args.markdown), markdown(results, run_args, per_seed), run_args.label)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Evaluation runs here, beside the training processes: one intra-op thread each.
@@ -561,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler = test_sampler(args)
     per_seed = {seed: run_seed(args, seed, sampler) for seed in args.seeds}
     results = {
+        "command": " ".join(["python scripts/npbml_ablations.py", *(argv or sys.argv[1:])]),
         "args": vars(args),
         "test_episodes": {
             "tasks": args.tasks,

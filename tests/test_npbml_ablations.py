@@ -151,3 +151,13 @@ def test_maml_config_must_share_the_data_section(ab) -> None:
     ab.check_same_data(ab.parse_args([]))  # the shipped configs agree
     with pytest.raises(SystemExit, match="differ in data.name"):
         ab.check_same_data(ab.parse_args(["--maml-config", "configs/demo.yaml"]))
+
+
+def test_render_rewrites_the_section_from_results_json(run, ab, tmp_path) -> None:
+    md = tmp_path / "r.md"
+    md.write_text("# R\n")
+    argv = ["--render", "--out", str(run["out"]), "--markdown", str(md), "--command", "CMD X"]
+    assert ab.main(argv) == 0
+    text = md.read_text()
+    assert "Command: `CMD X`" in text and "| init |" in text and "| diverged |" in text
+    assert "| init - proto-cosine |" in text
