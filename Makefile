@@ -41,11 +41,11 @@ structure: setup
 	$(PYTHON) ../shared/tools/structure_check.py 100
 	$(BIN)/lint-imports --no-cache
 
-# Static types of npbml/ and tasks/ ([tool.mypy] in pyproject.toml). Not yet part of `make test`.
+# Static types of npbml/ and tasks/ ([tool.mypy] in pyproject.toml); part of `make test`.
 typecheck: setup
 	$(BIN)/mypy
 
-test: setup lint structure
+test: setup lint structure typecheck
 	$(BIN)/python -m pytest -q --ignore=tests/l2l
 ifeq ($(L2L),0)
 	@echo "make test: SKIPPED the learn2learn tests (tests/l2l) because L2L=0; CI runs them"

@@ -38,7 +38,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import yaml
 
@@ -208,7 +208,7 @@ def _validate_options(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         name, options = getattr(section, "name", None), getattr(section, "options", None)
-        schema = OPTION_SCHEMAS.get((f.name, name))
+        schema = OPTION_SCHEMAS.get((f.name, name)) if name is not None else None
         if schema is None or options is None:
             continue
         obj = build_dataclass(schema, options, f"{f.name}.options", f"{f.name}.options ({name})")
@@ -263,7 +263,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _Mismatch
     if dataclasses.is_dataclass(tp):
         if isinstance(value, Mapping):
-            return build_dataclass(tp, value, key)
+            return build_dataclass(cast(type, tp), value, key)  # an annotation: a class
         raise _Mismatch
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
@@ -390,9 +390,9 @@ def _check_values(cfg: Config) -> None:
         "train.weight_decay": cfg.train.weight_decay,
         "train.min_lr": cfg.train.min_lr,
     }
-    for key, v in nonneg.items():
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}")
+    for key, x in nonneg.items():
+        if x < 0:
+            raise ConfigError(f"{key} must be >= 0, got {x}")
     if cfg.train.meta_lr <= 0:
         raise ConfigError(f"train.meta_lr must be > 0, got {cfg.train.meta_lr}")
     if cfg.train.task_workers < 1:

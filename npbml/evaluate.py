@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -105,11 +105,12 @@ def evaluate(
         episodes = [sampler.sample(i) for i in range(start, min(start + chunk, num_tasks))]
         if device is not None:
             episodes = [e.to(device) for e in episodes]
-        if parallel:
+        if parallel and isinstance(learner, torch.nn.Module):  # parallel implies the isinstance
             res = parallel_map(
-                learner,  # type: ignore[arg-type]
+                learner,
                 episodes,
-                lambda rep, ep: _scores(rep.evaluate(ep)),
+                # rep is a replicate() of learner: a shallow copy, of the same (Evaluable) class
+                lambda rep, ep: _scores(cast(Evaluable, rep).evaluate(ep)),
                 workers,
             )
         else:
@@ -130,7 +131,9 @@ def evaluate(
     return out
 
 
-def _as_array(values: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_array(
+    values: Sequence[float] | Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=np.float64)

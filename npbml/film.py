@@ -25,9 +25,13 @@ Three uses, all nn.Modules whose parameters are meta-parameters (psi):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from npbml.models import ConvBlock, ResidualBlock
 
 #: Modules treated as "the nonlinearity" when locating where FiLM acts inside a block.
 NONLINEARITIES: tuple[type[nn.Module], ...] = (
@@ -134,7 +138,7 @@ def register_film_forward(block_type: type, fn: BlockForward) -> None:
 
 
 def _sequential_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
-    layers = list(block)
+    layers = list(cast(nn.Sequential, block))  # registered for nn.Sequential (exact type)
     split = next((i for i, m in enumerate(layers) if isinstance(m, NONLINEARITIES)), None)
     if split is None:
         return modulate(block(x))
@@ -148,17 +152,19 @@ def _sequential_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -
 
 def _conv_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
     # npbml.models.ConvBlock: conv -> BN -> [FiLM] -> ReLU -> pool
-    return block.pool(block.relu(modulate(block.bn(block.conv(x)))))
+    b = cast("ConvBlock", block)  # registered for ConvBlock (looked up by exact type)
+    return b.pool(b.relu(modulate(b.bn(b.conv(x)))))
 
 
 def _residual_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
     # npbml.models.ResidualBlock: FiLM after the last BN of the main path, before the residual
     # sum and its LeakyReLU (the TADAM placement for ResNets).
-    h = block.act(block.bn1(block.conv1(x)))
-    h = block.act(block.bn2(block.conv2(h)))
-    h = modulate(block.bn3(block.conv3(h)))
-    h = block.act(h + block.shortcut(x))
-    return block.dropout(block.pool(h))
+    b = cast("ResidualBlock", block)  # registered for ResidualBlock (looked up by exact type)
+    h = b.act(b.bn1(b.conv1(x)))
+    h = b.act(b.bn2(b.conv2(h)))
+    h = modulate(b.bn3(b.conv3(h)))
+    h = b.act(h + b.shortcut(x))
+    return b.dropout(b.pool(h))
 
 
 def _residual_per_conv_forward(
@@ -166,11 +172,12 @@ def _residual_per_conv_forward(
 ) -> torch.Tensor:
     # npbml.models.ResidualBlock with FiLM after each of the three BNs of the main path (the NPBML
     # reference code's AdaResNet: one FiLM per conv).
-    h = block.act(modulate(block.bn1(block.conv1(x)), 0))
-    h = block.act(modulate(block.bn2(block.conv2(h)), 1))
-    h = modulate(block.bn3(block.conv3(h)), 2)
-    h = block.act(h + block.shortcut(x))
-    return block.dropout(block.pool(h))
+    b = cast("ResidualBlock", block)  # registered for ResidualBlock (looked up by exact type)
+    h = b.act(modulate(b.bn1(b.conv1(x)), 0))
+    h = b.act(modulate(b.bn2(b.conv2(h)), 1))
+    h = modulate(b.bn3(b.conv3(h)), 2)
+    h = b.act(h + b.shortcut(x))
+    return b.dropout(b.pool(h))
 
 
 def _register_defaults() -> None:

@@ -170,6 +170,7 @@ def build_fit_data(cfg: FitConfig) -> FitData:
                 )
             dataset = SubsetClasses(dataset, list(range(d.first_classes)))
         return split_class_dataset(dataset, d.val_per_class, d.test_per_class, cfg.train.seed)
+    assert d.path is not None  # kind="arrays" (validated: it needs data.path)
     arrays = np.load(d.path)
     for key in ("x", "y"):
         if key not in arrays:
@@ -646,6 +647,7 @@ def fit(
 def _offline_phase(state: _FitRun) -> None:
     """Meta-learn the loss network offline before step 0 (ML3, or AdaLFL's phase 1)."""
     cfg, data, out, updater = state.cfg, state.data, state.run.path, state.updater
+    assert isinstance(updater, (ML3Updater, AdaLFLUpdater))  # only these have learns_loss
     lc, t = cfg.loss, cfg.train
     if lc.meta_batch == "validation" and len(data.val[0]) == 0:
         raise ConfigError("loss.meta_batch='validation' needs validation data")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from npbml.distributed import (
     sample_shard,
     sync_buffers,
 )
-from npbml.evaluate import evaluate
+from npbml.evaluate import Evaluable, evaluate
 from tasks.episode import Episode
 
 __all__ = ["SingleProcess", "StepStats", "TorchrunGroup", "grad_norm", "process_group"]
@@ -121,7 +121,8 @@ class SingleProcess:
         self, learner: nn.Module, sampler: Any, tasks: int, device: torch.device, workers: int
     ) -> dict[str, Any]:
         """Mean validation accuracy and 95% interval over ``tasks`` episodes of ``sampler``."""
-        return evaluate(learner, sampler, tasks, device=device, workers=workers)
+        # Every learner of npbml.algorithms has evaluate(episode) (the Evaluable protocol).
+        return evaluate(cast(Evaluable, learner), sampler, tasks, device=device, workers=workers)
 
     def barrier(self) -> None:
         """Wait for every process (no-op here)."""

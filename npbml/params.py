@@ -126,8 +126,8 @@ def tensor_paths(module: nn.Module) -> dict[str, list[str]]:
     canonical: dict[int, str] = {}
     for name, t in module.named_parameters():
         canonical.setdefault(id(t), name)
-    for name, t in module.named_buffers():
-        canonical.setdefault(id(t), name)
+    for name, b in module.named_buffers():
+        canonical.setdefault(id(b), name)
     paths: dict[str, list[str]] = {}
     for prefix, sub in module.named_modules():  # each module object once
         for table in (sub._parameters, sub._buffers):

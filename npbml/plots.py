@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from npbml.losses.learned import LearnedLoss
 
@@ -96,7 +97,8 @@ def plot_loss_snapshots(
     cmap = plt.get_cmap("viridis")
     net = LearnedLoss(
         loss_net.task,
-        [layer.out_features for layer in loss_net.layers[:-1]],
+        # LearnedLoss.layers holds nn.Linear layers only
+        [cast(nn.Linear, layer).out_features for layer in loss_net.layers[:-1]],
         loss_net.output_activation,
     )
     for i, (step, state) in enumerate(snapshots):

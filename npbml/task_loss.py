@@ -198,12 +198,21 @@ class TaskAdaptiveLoss(nn.Module):
         self.reg_normalize = bool(reg_normalize)
         self.inputs = inputs
         self.reg_tensors = int(reg_tensors) if reg_tensors is not None else None
-        kw = dict(hidden=hidden, film=film, init_std=init_std, center_output=center_output)
+
+        def mlp(in_features: int) -> LossMLP:
+            return LossMLP(
+                in_features,
+                hidden=hidden,
+                film=film,
+                init_std=init_std,
+                center_output=center_output,
+            )
+
         n = self.num_classes
-        self.support_net = LossMLP(2 * n + 1, **kw) if use_support else None
-        self.query_net = LossMLP(2 * n + 1, **kw) if use_query else None
+        self.support_net = mlp(2 * n + 1) if use_support else None
+        self.query_net = mlp(2 * n + 1) if use_query else None
         reg_in = 4 * self.reg_tensors if self.reg_tensors is not None else 4
-        self.reg_net = LossMLP(reg_in, **kw) if use_reg else None
+        self.reg_net = mlp(reg_in) if use_reg else None
 
     @property
     def terms(self) -> tuple[str, ...]:

@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -96,6 +96,14 @@ __all__ = [
 
 # cb(step, records): the metrics.jsonl records written at that step (possibly none).
 StepCallback = Callable[[int, list[dict[str, Any]]], None]
+
+
+class _MetaTrainable(Protocol):
+    """What :func:`meta_step` calls on a learner (npbml.algorithms.GradientLearner has both)."""
+
+    def outer_loss(self, episode: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+    def meta_backward(self, episode: Any, workers: int | None = None) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -211,7 +219,8 @@ def build_learner(config: Config, model_kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _meta_parameters(learner: nn.Module) -> list[torch.nn.Parameter]:
-    params = learner.meta_parameters() if hasattr(learner, "meta_parameters") else None
+    meta_parameters = getattr(learner, "meta_parameters", None)
+    params = meta_parameters() if meta_parameters is not None else None
     params = list(params if params is not None else learner.parameters())
     if not params:
         raise ValueError("the learner has no meta-parameters to optimise")
@@ -627,11 +636,12 @@ def meta_step(state: TrainState, group: SingleProcess, run: RunDir) -> StepStats
     if group.device.type != "cpu":
         batch = batch.to(group.device, non_blocking=True)
     state.optimizer.zero_grad(set_to_none=True)
+    meta_learner = cast(_MetaTrainable, learner)  # the meta-trained learners all have both
     if t.per_task_backward or t.task_workers > 1:
-        info = learner.meta_backward(batch, workers=t.task_workers)
+        info = meta_learner.meta_backward(batch, workers=t.task_workers)
         loss = info.get("loss")
     else:
-        loss_t, info = learner.outer_loss(batch)
+        loss_t, info = meta_learner.outer_loss(batch)
         loss_t.backward()
         loss = info.get("loss", loss_t.detach())
     # One norm over all meta-gradients (needed for clipping anyway) tells whether any is
@@ -753,6 +763,7 @@ def validate(
     run.append_metrics(record)
     if is_best:
         _save(state, run, group, best=True)
+    assert state.best is not None  # set above if it was None (is_best)
     if bar is not None:
         bar.write(
             f"step {state.step}: validation accuracy {100 * res['accuracy']:.2f}% "

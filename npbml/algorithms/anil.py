@@ -9,7 +9,7 @@ the body does not change during the inner loop, its support features are compute
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,9 @@ class ANIL(GradientLearner):
                 f"ANIL needs a model with a features(x) method and a `head` sub-module; "
                 f"{type(model).__name__} lacks them"
             )
-        super().__init__(model, *args, adapt=adapt, **kwargs)
+        # adapt joins kwargs (rather than adapt=adapt beside *args, which mypy rejects as a
+        # possible duplicate): the same call, and the same TypeError if *args reaches adapt.
+        super().__init__(model, *args, **{**kwargs, "adapt": adapt})
         outside = [n for n in self.adapted_names if not n.startswith("head.")]
         if outside:
             raise ValueError(
@@ -56,4 +58,5 @@ class ANIL(GradientLearner):
             return self.run_module(self.model, None, support_x, method="features")
 
     def inner_forward(self, inputs: torch.Tensor, params: Params) -> torch.Tensor:
-        return functional_forward(self.model.head, strip_prefix(params, "head."), inputs)
+        head = cast(nn.Module, self.model.head)  # checked to be an nn.Module in __init__
+        return functional_forward(head, strip_prefix(params, "head."), inputs)

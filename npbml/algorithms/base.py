@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -408,9 +408,10 @@ class GradientLearner(nn.Module):
         counts: list[tuple[int, int]] = []
 
         def task_fn(replica: nn.Module, task: Episode) -> tuple[torch.Tensor, float]:
-            replica.pop_inner_counts()
-            loss, logits = replica.task_loss(task)
-            counts.append(replica.pop_inner_counts())  # list.append is atomic under the GIL
+            learner = cast(GradientLearner, replica)  # a replicate() of self: the same class
+            learner.pop_inner_counts()
+            loss, logits = learner.task_loss(task)
+            counts.append(learner.pop_inner_counts())  # list.append is atomic under the GIL
             return loss, _accuracy(logits, task.query_y)
 
         results = parallel_task_gradients(self, tasks, params, task_fn, workers, divisor=len(tasks))

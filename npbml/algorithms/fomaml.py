@@ -22,4 +22,6 @@ class FOMAML(MAML):
     def __init__(
         self, model: nn.Module, *args: Any, first_order: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__(model, *args, first_order=True, **kwargs)
+        # first_order joins kwargs (rather than first_order=True beside *args, which mypy rejects
+        # as a possible duplicate): the same call, and the same TypeError if *args reaches it.
+        super().__init__(model, *args, **{**kwargs, "first_order": True})

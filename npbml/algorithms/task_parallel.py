@@ -100,7 +100,7 @@ def parallel_map(
         # the teams stay. Measured here, multi-threaded ops on the caller's thread then ran ~40%
         # slower too (learn2learn at 2 threads: 0.95 -> 1.33 s per meta-step).
         torch.set_num_threads(threads)
-        done = []
+        done: list[tuple[int, Any]] = []
         while True:
             with lock:
                 i = next(claim)

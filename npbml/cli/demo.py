@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from npbml.cli.common import (
     Command,
@@ -138,10 +138,11 @@ def _pretrain(
 def _seconds_per_test_task(config: Config, tasksets: Any) -> float:
     """Time one test task on this machine, as the final test will run it (8 tasks, after a
     warm-up), with a learner built for the purpose and dropped."""
-    from npbml.evaluate import evaluate
+    from npbml.evaluate import Evaluable, evaluate
     from npbml.train import build_learner, infer_model_kwargs
 
-    probe = build_learner(config, infer_model_kwargs(config, tasksets))
+    # Every learner of npbml.algorithms has evaluate(episode) (the Evaluable protocol).
+    probe = cast(Evaluable, build_learner(config, infer_model_kwargs(config, tasksets)))
     probe.evaluate(tasksets.test.sample(0))  # warm-up
     t0 = time.perf_counter()
     evaluate(probe, tasksets.test, 8, workers=config.train.task_workers)
@@ -172,7 +173,7 @@ def _train_and_test(
     Returns:
         The test result with the meta-steps, best validation accuracy and timings.
     """
-    from npbml.evaluate import evaluate
+    from npbml.evaluate import Evaluable, evaluate
     from npbml.train import load_learner, train
 
     # The cost of a test task is timed before training and re-measured at every validation
@@ -207,7 +208,7 @@ def _train_and_test(
     learner, _, _ = load_learner(out_dir, "cpu")
     use_threads(config)
     res = evaluate(
-        learner,
+        cast(Evaluable, learner),  # every learner of npbml.algorithms is Evaluable
         tasksets.test,
         tasks,
         progress=not args.json,

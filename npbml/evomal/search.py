@@ -169,6 +169,7 @@ def load_fitness_data(cfg: DataConfig, seed: int) -> FitnessData:
         )
     from tasks.benchmarks import get_tasksets
 
+    assert cfg.taskset is not None  # validated: source=taskset needs data.taskset
     try:
         # Only the meta-train ClassDataset is used; 1-way 1-shot 0-query is the weakest spec.
         train = get_tasksets(
@@ -232,6 +233,7 @@ def rejection_test(
             return "nonfinite"
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        assert z.grad is not None  # z is the only leaf requiring grad, and backward succeeded
         if not torch.isfinite(z.grad).all():
             return "nonfinite"
         opt.step()

@@ -103,6 +103,9 @@ class InnerSGD(nn.Module):
         self.preconditioner = preconditioner  # an nn.Module here is registered as a sub-module
         self._lr_float: float | None = None
         self._lr_map: dict[str, torch.Tensor] | None = None
+        # A PerParameterLR sub-module, a tensor (parameter, graph tensor or buffer), or None when
+        # the rate is a float (_lr_float) or a mapping (_lr_map).
+        self.lr: PerParameterLR | torch.Tensor | None
         if isinstance(lr, (PerParameterLR, nn.Parameter)):
             self.lr = lr
         elif isinstance(lr, torch.Tensor) and lr.requires_grad:
@@ -135,6 +138,7 @@ class InnerSGD(nn.Module):
             return self._lr_map
         if isinstance(self.lr, PerParameterLR):
             return self.lr()
+        assert self.lr is not None  # None only with _lr_float or _lr_map set
         return self.lr
 
     def step(
@@ -153,7 +157,6 @@ class InnerSGD(nn.Module):
             grads = self.preconditioner(dict(grads))
         state = {} if state is None else state
         lrs = self.learning_rates()
-        per_param = isinstance(lrs, Mapping)
         mu, wd = self.momentum, self.weight_decay
         new_params: Params = {}
         new_state: SGDState = {}
@@ -166,7 +169,7 @@ class InnerSGD(nn.Module):
                 buf = d if buf is None else mu * buf + (1.0 - self.dampening) * d
                 new_state[name] = buf
                 d = d + mu * buf if self.nesterov else buf
-            lr = lrs[name] if per_param else lrs
+            lr = lrs[name] if isinstance(lrs, Mapping) else lrs
             new_params[name] = p - lr * d
         return new_params, new_state
 

@@ -140,7 +140,8 @@ class AdaLFL:
             raise ValueError(f"meta_batch must be one of {META_BATCHES}, got {meta_batch!r}")
         self.model = model
         self.loss_net = loss_net
-        self.task = task or getattr(loss_net, "task", "classification")
+        net_task: str = getattr(loss_net, "task", "classification")  # LearnedLoss.task: a str
+        self.task = task or net_task
         self.base_optimizer = InnerSGD(
             lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )

@@ -131,7 +131,8 @@ class ML3:
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         self.loss_net = loss_net
-        self.task = task or getattr(loss_net, "task", "classification")
+        net_task: str = getattr(loss_net, "task", "classification")  # LearnedLoss.task: a str
+        self.task = task or net_task
         self.inner_steps = int(inner_steps)
         self.inner_optimizer = inner_optimizer or InnerSGD(lr=inner_lr)
         self.meta_objective = meta_objective or default_meta_objective(self.task)

@@ -14,6 +14,7 @@ amplitude and phase, steering the learned loss past the phase's non-convex MSE l
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -173,7 +174,7 @@ def evaluate_loss_on_new_tasks(
         ys = task.amplitude * torch.sin(xs - task.phase)
         with torch.no_grad():
             before.append(F.mse_loss(net(xs), ys).item())
-        batches = iter(lambda task=task, g=model_gen: task.batch(shots, g), None)
+        batches = iter(functools.partial(task.batch, shots, model_gen), None)
         train_with_loss(net, loss_fn, batches, train_steps, lr)
         with torch.no_grad():
             after.append(F.mse_loss(net(xs), ys).item())

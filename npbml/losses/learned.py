@@ -87,14 +87,13 @@ class LearnedLoss(nn.Module):
         self.output_activation = output_activation
         self.reduction = reduction
         self.inputs = inputs
-        self.layers = nn.ModuleList(
-            nn.Linear(i, o, bias=False) for i, o in zip(widths[:-1], widths[1:])
-        )
+        linears = [nn.Linear(i, o, bias=False) for i, o in zip(widths[:-1], widths[1:])]
+        self.layers = nn.ModuleList(linears)
         if init_std is not None:
-            for layer in self.layers:
+            for layer in linears:
                 nn.init.normal_(layer.weight, 0.0, float(init_std))
         elif init == "kaiming":
-            for layer in self.layers:
+            for layer in linears:
                 nn.init.kaiming_normal_(layer.weight)
 
     def pairs(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

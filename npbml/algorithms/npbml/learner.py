@@ -190,7 +190,7 @@ class NPBML(GradientLearner):
         return {"head.weight": w, "head.bias": b}
 
     def initial_params(self) -> Params:
-        own = dict(self.network.named_parameters())
+        own: Params = dict(self.network.named_parameters())
         own.update(self.head_params())
         return {n: own[n] for n in self.adapted_names}
 
@@ -271,7 +271,7 @@ class NPBML(GradientLearner):
         loss_fn = self.task_loss_fn
         needs_query = loss_fn is not None and loss_fn.needs_query
         joint = query_x is not None and (self.joint_forward or needs_query)
-        x_in = torch.cat([support_x, query_x]) if joint else support_x
+        x_in = torch.cat([support_x, query_x]) if joint and query_x is not None else support_x
         scores = None
         if needs_query:
             assert support_y is not None and query_x is not None

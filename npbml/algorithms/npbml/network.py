@@ -6,6 +6,7 @@ Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METH
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -116,7 +117,8 @@ class NPBMLNetwork(nn.Module):
         """Block ``i`` with its FiLM generator and the warp after it, if any."""
         key = str(i)
         if key in self.films:
-            h = film_block_forward(self.blocks[i], self.films[key], h)
+            generator = cast(FiLMGenerator, self.films[key])  # films holds _generator()s only
+            h = film_block_forward(self.blocks[i], generator, h)
         else:
             h = self.blocks[i](h)
         if key in self.warps:
