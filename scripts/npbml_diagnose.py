@@ -8,7 +8,8 @@ For a trained run directory (``npbml train`` output) and fixed test episodes, re
 * **test-time ablation**: the accuracy with each learned loss term switched off, with all of them
   off (M = CE), and with the warp replaced by the identity; each as a paired per-episode
   difference against the trained model (95% interval);
-* the **safeguard**: the share of inner steps it clipped, and the largest adapted logit.
+* the **safeguard**: the share of inner steps it clipped (first 50 episodes), the largest
+  adapted logit, and the same learner evaluated with the safeguard switched off.
 
     python scripts/npbml_diagnose.py RUN [RUN ...] --tasks 200 [--ways 20 --within-alphabet]
 
@@ -100,10 +101,19 @@ def diagnose(run: Path, learner: Any, sampler: Any, tasks: int) -> dict[str, Any
         for k, r in results.items()
         if k != "trained"
     }
-    learner.pop_inner_counts()
-    learner.evaluate(episodes[0])
-    clipped, steps = learner.pop_inner_counts()
-    report["inner_clipped_first_episode"] = clipped / max(steps, 1)
+    if learner.inner_max_grad_norm is not None:
+        shares = [learner.evaluate(ep).get("inner_clipped", 0.0) for ep in episodes]
+        report["inner_clipped"] = float(np.mean(shares))
+        # The same learner without the safeguard: does the learned loss need it?
+        free = copy.deepcopy(learner)
+        free.inner_max_grad_norm = None
+        res = evaluate(free, sampler, tasks, per_task=True)
+        report["without_safeguard"] = {
+            "accuracy": res["accuracy"],
+            "diverged": res["diverged"],
+            "max_abs_logit": res["max_abs_logit"],
+            **paired_difference(np.asarray(res["accuracies"]), base),
+        }
     return report
 
 

@@ -43,3 +43,5 @@ def test_diagnose_reports_shares_and_switch_offs(tmp_path, capsys):
     for row in report["switched_off"].values():
         assert row["mean"] == 0.0 and row["accuracy"] == report["trained"]["accuracy"]
     assert report["trained"]["diverged"] == 0
+    assert report["inner_clipped"] == 0.0  # norm-10 safeguard, CE gradients of a tiny model
+    assert report["without_safeguard"]["mean"] == 0.0
