@@ -118,6 +118,7 @@ class NPBML(GradientLearner):
                 "written by `npbml pretrain-relation`); pass one or drop 'query' from loss_terms"
             )
         network, adapt_p, freeze_p = _build_network(model, opts)
+        adapted = _adapted_names(network, adapt_p, freeze_p)
         super().__init__(
             network,
             inner_lr=inner_lr,
@@ -130,10 +131,10 @@ class NPBML(GradientLearner):
             dampening=opts.dampening,
             nesterov=opts.nesterov,
             weight_decay=opts.weight_decay,
-            inner_loss=_build_task_loss(network, opts, _adapted_names(network, adapt_p, freeze_p)),
+            inner_loss=_build_task_loss(network, opts, adapted),
             inner_max_grad_norm=opts.inner_max_grad_norm,
         )
-        self.adapted_names = _adapted_names(network, adapt_p, freeze_p)
+        self.adapted_names = adapted
         self.options = opts
         self.relation_net = relation_net if "query" in terms else None
         if self.relation_net is not None:
