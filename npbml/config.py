@@ -430,9 +430,13 @@ class FitDataConfig:
     images; ``first_classes=K`` keeps only the first ``K`` classes in split order (e.g. 20:
     Balinese characters 1-20 of ``background_small1``), a few-class problem from the same data.
     ``kind="arrays"``: an ``.npz`` at ``path`` with ``x`` and ``y`` (integer ``y`` for
-    classification, float for regression) split by ``val_fraction`` / ``test_fraction``."""
+    classification, float for regression) split by ``val_fraction`` / ``test_fraction``.
+    ``kind="idx"``: the IDX dataset ``name`` (``fashion-mnist``, ``mnist``, ``kmnist``;
+    :mod:`tasks.idx`) from ``root`` or the system install; validation is ``val_fraction`` of the
+    official training split, test is the official test split."""
 
-    kind: Literal["omniglot", "arrays"] = "omniglot"
+    kind: Literal["omniglot", "arrays", "idx"] = "omniglot"
+    name: str | None = None
     root: str | None = None
     splits: list[str] = field(default_factory=lambda: ["background_small1", "background_small2"])
     image_size: int = 28
@@ -584,6 +588,11 @@ def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
             )
         if cfg.data.kind != "omniglot":
             raise ConfigError("data.first_classes selects classes of data.kind='omniglot' only")
+    if (cfg.data.kind == "idx") != (cfg.data.name is not None):
+        raise ConfigError(
+            "data.name (an IDX dataset: fashion-mnist, mnist, kmnist) goes with data.kind='idx'; "
+            f"got kind={cfg.data.kind!r}, name={cfg.data.name!r}: set both or neither"
+        )
     if cfg.data.kind == "arrays" and cfg.data.path is None:
         raise ConfigError("data.kind='arrays' needs data.path (an .npz with arrays x and y)")
     return cfg

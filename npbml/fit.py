@@ -155,6 +155,26 @@ def split_arrays(
     return FitData((x[itr], y[itr]), (x[iv], y[iv]), (x[it], y[it]), task, num_outputs)
 
 
+def _idx_data(d: FitDataConfig, seed: int) -> FitData:
+    """An IDX dataset (:mod:`tasks.idx`): validation carved from the official training split
+    (``val_fraction``, seeded), test = the official test split, images scaled to ``[0, 1]``."""
+    from tasks.idx import DATASETS, canonical_name, load_idx_float
+
+    assert d.name is not None  # validated with kind="idx"
+    try:
+        key = canonical_name(d.name)
+    except ValueError as e:
+        raise ConfigError(f"data.name: {e}") from e
+    x, y = load_idx_float(key, "train", d.root)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
+    n_val = int(round(d.val_fraction * len(x)))
+    iv, itr = order[:n_val], order[n_val:]
+    test = load_idx_float(key, "test", d.root)
+    return FitData(
+        (x[itr], y[itr]), (x[iv], y[iv]), test, "classification", DATASETS[key].num_classes
+    )
+
+
 def build_fit_data(cfg: FitConfig) -> FitData:
     """The datasets named by ``cfg.data``."""
     d = cfg.data
@@ -170,6 +190,8 @@ def build_fit_data(cfg: FitConfig) -> FitData:
                 )
             dataset = SubsetClasses(dataset, list(range(d.first_classes)))
         return split_class_dataset(dataset, d.val_per_class, d.test_per_class, cfg.train.seed)
+    if d.kind == "idx":
+        return _idx_data(d, cfg.train.seed)
     assert d.path is not None  # kind="arrays" (validated: it needs data.path)
     arrays = np.load(d.path)
     for key in ("x", "y"):
