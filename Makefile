@@ -16,7 +16,7 @@ DEMO_ARGS ?=
 L2L ?= 1
 L2L_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/npbml/venv-l2l
 
-.PHONY: setup demo test test-l2l lint structure typecheck bench clean
+.PHONY: setup demo test test-l2l lint structure typecheck bench clean check-wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/npbml demo $(DEMO_ARGS)
+
+# Build the wheel, install it into a temporary venv (reusing .venv's torch) and run a short demo
+# from a temporary folder: the demo must not need the checkout (scripts/check_wheel.sh, ~1 min).
+check-wheel: setup
+	scripts/check_wheel.sh $(BIN)/python
 
 lint: setup
 	$(BIN)/ruff check npbml tasks scripts tests

@@ -1,5 +1,9 @@
-"""Plots of learned loss functions (needs matplotlib: ``pip install 'npbml[plot]'``).
+"""Plots of runs and learned losses (needs matplotlib: ``pip install 'npbml[plot]'``).
 
+* :func:`plot_runs`: training and validation curves of meta-training runs, from each run
+  directory's ``metrics.jsonl`` (``npbml plot``).
+* :func:`plot_validation_curves`: the validation curves of several methods against training time
+  in one picture (``npbml demo``).
 * :func:`plot_learned_loss`: a classification :class:`~npbml.losses.LearnedLoss` as a function of
   the predicted probability ``p`` in [0, 1], for the target class (``y = 1``) and a non-target
   class (``y = 0``) -- the per-class function ``g_phi(p, y)`` of METHODS.md sec 4 -- with
@@ -10,28 +14,190 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
 from npbml.losses.learned import LearnedLoss
+from npbml.run_dir import read_metrics
+
+# The message of a missing matplotlib; it names the extra that installs it.
+MISSING_MATPLOTLIB = (
+    "plotting needs matplotlib, which is the optional 'plot' extra of npbml: install it with "
+    "`pip install 'npbml[plot]'` (or `pip install matplotlib`)"
+)
 
 
 def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message names the extra).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError(
-            "npbml.plots needs matplotlib: install the plot extra with "
-            "`pip install 'npbml[plot]'` (or `pip install matplotlib`)"
-        ) from err
+        raise ImportError(MISSING_MATPLOTLIB) from err
     return plt
+
+
+def require_matplotlib() -> None:
+    """Fail early, before any work, when matplotlib is missing.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message names the ``plot`` extra).
+    """
+    _pyplot()
+
+
+# (panel title, split of the records, metric key) of each panel :func:`plot_runs` can draw.
+PANELS: dict[str, tuple[str, str, str]] = {
+    "train-loss": ("training loss (query, mean per logged interval)", "train", "loss"),
+    "train-accuracy": ("training accuracy (query)", "train", "accuracy"),
+    "validation": ("validation accuracy", "validation", "accuracy"),
+}
+
+
+def run_curves(run_dir: str | Path, x: str = "step") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The curves of one run's ``metrics.jsonl``: ``{panel: (xs, ys)}`` for :data:`PANELS`.
+
+    Args:
+        run_dir: a run directory (``npbml train --out``) or its ``metrics.jsonl``.
+        x: ``"step"`` (meta-steps) or ``"time"`` (seconds of training since the start,
+            validation included; a validation point gets the time of its step's training
+            record, interpolated between logged steps).
+
+    Returns:
+        The curves with at least one point (a run with no validation yet has no
+        ``"validation"`` entry).
+
+    Raises:
+        FileNotFoundError: there is no ``metrics.jsonl`` with records.
+        ValueError: ``x`` is neither ``"step"`` nor ``"time"``.
+    """
+    if x not in ("step", "time"):
+        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+    path = Path(run_dir)
+    path = path if path.suffix == ".jsonl" else path / "metrics.jsonl"
+    records = read_metrics(path)
+    if not records:
+        raise FileNotFoundError(
+            f"no training records in {path}: pass the folder that `npbml train --out` (or "
+            "`npbml demo`, one folder per method) wrote"
+        )
+    train = [r for r in records if r.get("split") == "train" and "time_s" in r]
+    t_steps = np.array([r["step"] for r in train], dtype=float)
+    t_times = np.array([r["time_s"] for r in train], dtype=float)
+    out = {}
+    for name, (_, split, key) in PANELS.items():
+        rows = [r for r in records if r.get("split") == split and key in r]
+        if not rows:
+            continue
+        steps = np.array([r["step"] for r in rows], dtype=float)
+        ys = np.array([r[key] for r in rows], dtype=float)
+        if x == "time":
+            steps = np.interp(steps, t_steps, t_times) if t_steps.size else steps * math.nan
+        out[name] = (steps, ys)
+    return out
+
+
+def plot_runs(
+    runs: Mapping[str, str | Path],
+    path: str | Path,
+    panels: Sequence[str] = tuple(PANELS),
+    x: str = "step",
+    references: Mapping[str, float] | None = None,
+    offsets: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Draw the curves of several runs, one panel per quantity, into a PNG.
+
+    Args:
+        runs: label -> run directory (its ``metrics.jsonl``).
+        path: the PNG to write.
+        panels: names of :data:`PANELS` to draw, side by side.
+        x: ``"step"`` or ``"time"`` (see :func:`run_curves`).
+        references: label -> a validation accuracy without a curve (a method that trains
+            nothing), drawn as a dashed horizontal line in the ``"validation"`` panel.
+        offsets: label -> amount added to that run's x values (e.g. seconds of pre-training
+            before meta-training started).
+        title: the validation panel's title (default: :data:`PANELS`').
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: matplotlib is missing (the message names the ``plot`` extra).
+        ValueError: an unknown panel name, or nothing to draw.
+    """
+    bad = [p for p in panels if p not in PANELS]
+    if bad or not panels:
+        raise ValueError(f"unknown panel {bad[0] if bad else None!r}; choose from {list(PANELS)}")
+    if not runs and not references:
+        raise ValueError("no runs to plot: pass at least one run directory")
+    plt = _pyplot()
+    curves = {label: run_curves(d, x) for label, d in runs.items()}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        for label, c in curves.items():
+            if name in c:
+                style = "o-" if name == "validation" else "-"
+                xs, ys = c[name]
+                xs = xs + (offsets or {}).get(label, 0.0)
+                ax.plot(xs, ys, style, ms=3, lw=1.2, label=label)
+        if name == "validation":
+            for i, (label, acc) in enumerate((references or {}).items()):
+                ax.axhline(acc, ls="--", lw=1.0, color=f"C{len(curves) + i}", label=label)
+        ax.set_title(title if title and name == "validation" else PANELS[name][0], fontsize=9)
+        ax.set_xlabel("meta-steps" if x == "step" else "time (s, validation included)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_validation_curves(
+    runs: Mapping[str, str | Path],
+    path: str | Path,
+    references: Mapping[str, float] | None = None,
+    offsets: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Every method's validation accuracy against training time, in one panel (the demo's
+    picture: methods with very different step costs compared on the clock they shared).
+
+    Args:
+        runs: label -> run directory.
+        path: the PNG to write.
+        references: label -> validation accuracy of a method without a curve (dashed line).
+        offsets: label -> seconds before that run's meta-training began (its pre-training).
+        title: the panel's title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: matplotlib is missing (the message names the ``plot`` extra).
+    """
+    return plot_runs(
+        runs,
+        path,
+        panels=("validation",),
+        x="time",
+        references=references,
+        offsets=offsets,
+        title=title,
+    )
 
 
 @torch.no_grad()

@@ -13,6 +13,11 @@ Images are stored once as a ``uint8`` tensor ``[N, 1, S, S]`` and scaled to ``[0
 
 Class order is deterministic: classes sorted by ``(alphabet, character)``, images within a class
 sorted by file name. Class names are ``"Alphabet/characterNN"``.
+
+Bundled data: the two "minimal" splits (``background_small1`` and ``background_small2``, 2.9 MB,
+MIT, Lake's licence and attribution beside them) ship in :data:`PACKAGED_ROOT`. With
+``root=None`` those two splits are read from there, md5-checked on every load; a given ``root``
+always wins.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from tasks.dataset import (
     SubsetClasses,
     TensorClassDataset,
 )
-from tasks.download import check_md5, download_url
+from tasks.download import check_md5, download_url, md5sum
 from tasks.errors import CorruptDatasetError, DatasetNotFoundError
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{name}.zip"
@@ -61,6 +66,10 @@ NUM_VALIDATION_CHARACTERS = 100
 
 _RESAMPLE = Image.Resampling.LANCZOS
 
+# The Omniglot minimal zips installed with the package (package data of ``tasks``).
+PACKAGED_ROOT = Path(__file__).resolve().parent / "data" / "omniglot"
+PACKAGED_SPLITS = ("background_small1", "background_small2")
+
 
 def split_filename(split: str) -> str:
     """Base name of a split's zip/folder, e.g. ``images_background_small1``."""
@@ -70,6 +79,44 @@ def split_filename(split: str) -> str:
 def split_url(split: str) -> str:
     """Official download URL of a split's zip."""
     return OMNIGLOT_URL.format(name=split_filename(split))
+
+
+def packaged_split(split: str) -> Path:
+    """The bundled zip of an Omniglot minimal split, md5-checked.
+
+    Args:
+        split: ``"background_small1"`` or ``"background_small2"``.
+
+    Returns:
+        The path of the zip inside the installed package.
+
+    Raises:
+        DatasetNotFoundError: ``split`` is not bundled, or the install lacks the file.
+        CorruptDatasetError: the bundled zip's md5 differs from :data:`OMNIGLOT_MD5`.
+    """
+    _check_split(split)
+    path = PACKAGED_ROOT / f"{split_filename(split)}.zip"
+    if split not in PACKAGED_SPLITS:
+        raise DatasetNotFoundError(
+            f"no Omniglot root given and split {split!r} is not bundled (only "
+            f"{', '.join(PACKAGED_SPLITS)} are): pass root=<folder holding images_{split}.zip "
+            "or omniglot-py/> (with download=True to fetch the zip into it)"
+        )
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"the bundled Omniglot split {path} is missing from this install: reinstall the "
+            "package (pip install --force-reinstall npbml), or pass root=<folder holding "
+            f"images_{split}.zip>"
+        )
+    # Checked on every load (2.9 MB, a few ms): a damaged install must not train on bad data.
+    actual = md5sum(path)
+    if actual != OMNIGLOT_MD5[split]:
+        raise CorruptDatasetError(
+            f"the bundled Omniglot split {path} is damaged: md5 {actual}, expected "
+            f"{OMNIGLOT_MD5[split]}. Reinstall the package (pip install --force-reinstall "
+            f"npbml), or pass root=<folder holding a good images_{split}.zip>"
+        )
+    return path
 
 
 def _check_split(split: str) -> None:
@@ -264,7 +311,8 @@ class Omniglot(TensorClassDataset):
 
     ``split`` is ``"background"`` (964 characters, 30 alphabets), ``"evaluation"`` (659, 20),
     ``"background_small1"`` (136, 5) or ``"background_small2"`` (156, 5). ``root`` holds
-    ``images_<split>.zip`` or its extracted folder, directly or in ``root/omniglot-py``.
+    ``images_<split>.zip`` or its extracted folder, directly or in ``root/omniglot-py``;
+    ``root=None`` reads the bundled copy of a minimal split (:func:`packaged_split`).
     ``download=True`` fetches a missing zip from the official repository into ``root`` and checks
     its md5; ``verify=True`` also checks the md5 of an existing zip.
 
@@ -283,13 +331,13 @@ class Omniglot(TensorClassDataset):
         transform: ImageTransform | None = None,
     ) -> None:
         _check_split(split)
-        if root is None:
-            raise DatasetNotFoundError(
-                "no Omniglot root given: pass root=<folder holding images_<split>.zip or "
-                "omniglot-py/> (with download=True to fetch the zips into it)"
-            )
-        root = Path(root).expanduser()
-        source = locate_split(root, split)
+        source: Path | None
+        if root is None:  # the bundled minimal splits (see the module doc)
+            source = packaged_split(split)
+            root = PACKAGED_ROOT
+        else:
+            root = Path(root).expanduser()
+            source = locate_split(root, split)
         if source is None:
             if not download:
                 raise _not_found(root, split)
@@ -415,6 +463,7 @@ def omniglot_minimal_splits(
     hold byte-identical files in both, so the test set is the 106 characters of Japanese
     (katakana), Sanskrit and Tagalog for ``train="background_small1"`` (86 of Balinese, Early
     Aramaic and Korean for ``"background_small2"``). Rotations as in :func:`omniglot_splits`.
+    ``root=None`` reads the two zips bundled with the package (md5-checked on every load).
     """
     if train not in _OTHER_SMALL:
         raise ValueError(f"train must be 'background_small1' or 'background_small2', got {train!r}")

@@ -104,10 +104,11 @@ def test_train_overrides_and_pause(tiny_yaml, tmp_path, capsys):
 
 
 def test_demo_runs_and_reports(tmp_path, capsys):
-    argv = ["demo", "--minutes", "0.02", "--out", str(tmp_path), "--tasks", "4", "--json"]
-    assert cli.main([*argv, *DEMO_SMALL]) == 0
+    """--data glyphs keeps the generated family (the default, real characters: test_demo.py)."""
+    argv = ["demo", "--data", "glyphs", "--minutes", "0.02", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--tasks", "4", "--json", *DEMO_SMALL]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
-    assert [r["method"] for r in res] == [run.label for run in cli.DEMO_RUNS]
+    assert [r["method"] for r in res] == [run.label for run in cli.demo.GLYPH_RUNS]
     for r in res:
         assert r["tasks"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["meta_steps"] >= 1
         assert r["config"]["data"]["name"] == "glyphs"
@@ -116,7 +117,8 @@ def test_demo_runs_and_reports(tmp_path, capsys):
 def test_demo_configs_validate():
     for run in cli.DEMO_RUNS:
         cfg = cli.demo_config(run)
-        assert cfg.data.name == "glyphs"  # the demo needs no downloaded data
+        # the bundled Omniglot minimal zips: the demo needs no download
+        assert cfg.data.name == "omniglot-minimal" and cfg.data.root is None
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -180,6 +182,7 @@ def test_commands_are_an_explicit_list(monkeypatch, capsys):
         "demo",
         "fit",
         "evolve",
+        "plot",
     ]
 
     def args(p):

@@ -475,3 +475,54 @@ def test_within_alphabet_through_the_experiment_config(omniglot_root: Path, mini
     cfg = config_from_dict({"data": {**data, "options": {"within_alphabet": "test"}}})
     ts = make_tasksets(cfg)
     assert ts.test.within_alphabet and ts.test.alphabets == ["Japanese_(katakana)", "Sanskrit"]
+
+
+# ------------------------------------------------------------------------ bundled data (issue 14)
+
+
+def test_bundled_zips_are_the_shared_ones(omniglot_root: Path) -> None:
+    """The package ships the two minimal zips, byte-identical to the official ones, with Lake's
+    licence beside them."""
+    from tasks.omniglot import PACKAGED_ROOT, PACKAGED_SPLITS, packaged_split
+
+    for split in PACKAGED_SPLITS:
+        path = packaged_split(split)
+        assert path.parent == PACKAGED_ROOT
+        assert path.read_bytes() == (omniglot_root / path.name).read_bytes()
+    licence = (PACKAGED_ROOT / "LICENSE").read_text()
+    assert "MIT" in licence and "Brenden Lake" in licence
+
+
+def test_no_root_reads_the_bundled_minimal_splits(minimal: dict) -> None:
+    """root=None gives the same splits as the shared copy; a given root still wins."""
+    bundled = omniglot_minimal_splits(None)
+    for split in ("train", "validation", "test"):
+        assert bundled[split].num_classes == minimal[split].num_classes
+        last = bundled[split].num_classes - 1
+        assert bundled[split].class_name(last) == minimal[split].class_name(last)
+        assert torch.equal(bundled[split].class_images(last), minimal[split].class_images(last))
+    ts = tasks.get_tasksets("omniglot-minimal", ways=5, shots=1, queries=1, seed=3)
+    assert ts.test.sample(0).support_x.shape == (5, 1, 28, 28)
+    with pytest.raises(DatasetNotFoundError, match="images_background_small1"):
+        omniglot_minimal_splits(Path("/nonexistent-root"))
+
+
+def test_damaged_bundled_zip_names_the_file_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.omniglot as om
+
+    for split in SMALL:
+        name = f"images_{split}.zip"
+        (tmp_path / name).write_bytes((om.PACKAGED_ROOT / name).read_bytes())
+    bad = tmp_path / "images_background_small2.zip"
+    bad.write_bytes(bad.read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(om, "PACKAGED_ROOT", tmp_path)
+    om.packaged_split("background_small1")  # an intact copy passes
+    with pytest.raises(CorruptDatasetError, match="bundled .*damaged.*force-reinstall"):
+        omniglot_minimal_splits(None)
+    bad.unlink()
+    with pytest.raises(DatasetNotFoundError, match="missing from this install"):
+        om.packaged_split("background_small2")
+    with pytest.raises(DatasetNotFoundError, match="'background' is not bundled"):
+        Omniglot(None, "background")

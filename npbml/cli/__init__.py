@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from npbml.checkpoint import CheckpointError
-from npbml.cli import demo, evaluate, evolve, fit, pretrain, train
+from npbml.cli import demo, evaluate, evolve, fit, plot, pretrain, train
 from npbml.cli.common import Command, format_accuracy
 from npbml.cli.demo import DEMO_RUNS, DemoRun, demo_config
 from npbml.config import ConfigError
@@ -46,6 +46,7 @@ COMMANDS: list[Command] = [
     demo.COMMAND,
     fit.COMMAND,
     evolve.COMMAND,
+    plot.COMMAND,
 ]
 
 # Kept so that code which extended the old import-side-effect registry still runs; it is no
