@@ -219,3 +219,76 @@ def test_twice_differentiable_for_maml_inner_loops():
     z = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 2, 4])
     assert torch.autograd.gradgradcheck(lambda x: sparse_label_smoothing(x, t, 0.2), (z,))
+
+
+# -- issue 15: the closed-form autograd Function ---------------------------------------------
+
+
+def _composed(z: torch.Tensor, t: torch.Tensor, xi: float) -> torch.Tensor:
+    """Per-example SparseLSR in plain autograd ops (the pre-issue-15 implementation)."""
+    c = z.shape[-1]
+    a = 1 - xi + xi / c
+    log_pt = z.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+    one_minus = (-torch.expm1(log_pt)).clamp_min(1e-7)
+    return -a * log_pt - (1 - a) * (torch.log(one_minus) - math.log(c - 1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("c", [2, 7, 300])  # both backward branches (below/above 256 classes)
+def test_gradcheck_against_finite_differences(reduction, c):
+    z = _logits(5, c, 2.0, c, dtype=torch.float64).requires_grad_()
+    t = _targets(5, c, c)
+    assert torch.autograd.gradcheck(lambda x: sparse_label_smoothing(x, t, 0.3, reduction), (z,))
+    if reduction == "none":  # second order through a non-uniform upstream gradient as well
+        assert torch.autograd.gradgradcheck(
+            lambda x: sparse_label_smoothing(x, t, 0.3, "none"), (z,)
+        )
+
+
+@pytest.mark.parametrize("c", [10, 1000, 100_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_value_and_gradient_match_the_composed_formula(c, dtype):
+    z = _logits(16, c, 3.0, 5, dtype=dtype).requires_grad_()
+    t = _targets(16, c, 5)
+    weights = torch.rand(16, dtype=dtype)  # a non-uniform upstream gradient ("none")
+    got = sparse_label_smoothing(z, t, 0.1, "none")
+    (g_got,) = torch.autograd.grad((got * weights).sum(), z)
+    ref = _composed(z, t, 0.1)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), z)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(g_got, g_ref, **tol)
+
+
+def test_gradient_under_the_floor_drops_the_b_term():
+    # Past the floor only -A log p_t moves: dL/dz = A (p - onehot), exactly.
+    c, xi = 4, 0.1
+    a = 1 - xi + xi / c
+    z = torch.tensor([[40.0, 0.0, 0.0, 0.0], [0.5, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    z.requires_grad_()
+    t = torch.tensor([0, 1])
+    (g,) = torch.autograd.grad(sparse_label_smoothing(z, t, xi, "sum"), z)
+    p = torch.softmax(z.detach(), -1)
+    onehot = F.one_hot(t, c).double()
+    torch.testing.assert_close(g[0], a * (p[0] - onehot[0]), rtol=1e-12, atol=1e-20)
+    pt = p[1, 1]
+    factor = 1 - (1 - a) / (1 - pt)  # the unfloored row: (p - onehot)(1 - B / (1 - p_t))
+    torch.testing.assert_close(g[1], factor * (p[1] - onehot[1]))
+
+
+def test_saves_no_class_sized_tensor_for_backward():
+    # Only the logits themselves (by reference) and [N] vectors: the memory claim, exactly.
+    n, c = 4, 1000
+    z = torch.randn(n, c, requires_grad=True)
+    t = torch.randint(0, c, (n,))
+    saved = []
+
+    def pack(x):
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        sparse_label_smoothing(z, t, 0.1)
+    dense = [s for s in saved if s.numel() >= c]
+    assert len(dense) == 1 and dense[0].data_ptr() == z.data_ptr()
+    assert sum(s.numel() for s in saved if s.data_ptr() != z.data_ptr()) <= 3 * n
