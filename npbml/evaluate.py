@@ -93,7 +93,10 @@ def evaluate(
     parallel = workers > 1 and isinstance(learner, torch.nn.Module)
     if parallel:
         from npbml.algorithms.task_parallel import parallel_map
-    chunk = 4 * workers if parallel else 1
+    # A learner that adapts several tasks at once (NPBML's batched inner loop, issue 13) gets
+    # them stacked; the accuracies are those of one episode at a time.
+    group = 1 if parallel else max(1, int(getattr(learner, "evaluation_batch", 1)))
+    chunk = 4 * workers if parallel else group
     accs = np.empty(num_tasks, dtype=np.float64)
     peaks = np.zeros(num_tasks, dtype=np.float64)
     bar = None
@@ -113,6 +116,9 @@ def evaluate(
                 lambda rep, ep: _scores(cast(Evaluable, rep).evaluate(ep)),
                 workers,
             )
+        elif group > 1 and len(episodes) > 1 and _same_shapes(episodes):
+            m = cast(dict[str, Any], learner.evaluate(Episode.stack(episodes)))
+            res = [(float(a), float(p)) for a, p in zip(m["accuracies"], m["max_abs_logits"])]
         else:
             res = [_scores(learner.evaluate(e)) for e in episodes]
         accs[start : start + len(res)] = [r[0] for r in res]
@@ -129,6 +135,11 @@ def evaluate(
     if per_task:
         out["accuracies"] = accs.tolist()
     return out
+
+
+def _same_shapes(episodes: Sequence[Episode]) -> bool:
+    shapes = {(e.support_x.shape, e.support_y.shape, e.query_x.shape) for e in episodes}
+    return len(shapes) == 1
 
 
 def _as_array(

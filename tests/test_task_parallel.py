@@ -88,6 +88,7 @@ def test_parallel_npbml_and_metasgd_are_bit_identical():
         inner_steps=2,
         inner_lr=0.1,
         relation_net=RelationNetwork(channels=4, in_channels=1),
+        batch_tasks=False,  # task by task: the bitwise claim (the batched path: test_npbml_batched)
     )
     batch = _batch(tasks=4)
     seq, m1 = _grads(npbml, batch, workers=1)

@@ -37,19 +37,23 @@ network of any weight scale moves the adapted weights by a bounded amount per st
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npbml.algorithms.base import GradientLearner, Metrics
+from npbml.algorithms.base import GradientLearner, Metrics, _accuracy
+from npbml.algorithms.npbml.batched import batchable, batched_query_logits
 from npbml.algorithms.npbml.network import NPBMLNetwork, adapt_and_freeze, block_frozen
 from npbml.algorithms.npbml.options import NPBMLOptions
+from npbml.algorithms.task_parallel import parallel_task_gradients
+from npbml.layout import run_channels_last
 from npbml.params import Params, named_params, split_params
-from npbml.task_loss import TaskAdaptiveLoss
+from npbml.task_loss import TaskAdaptiveLoss, one_hot
 from tasks.episode import Episode
 
 __all__ = ["NPBML", "nonfinite_gradients"]
@@ -208,9 +212,16 @@ class NPBML(GradientLearner):
         h0, _, n_s, _ = inputs
         h = self.run_module(self.network, params, h0, self.frozen_prefix, None, method="run_blocks")
         feats = self.network.reduce(h)[:n_s]
-        onehot = F.one_hot(support_y, self.ways).to(feats.dtype)
+        onehot = one_hot(support_y, self.ways, feats.dtype)
         protos = onehot.t() @ feats / onehot.sum(0).clamp_min(1).unsqueeze(1)
-        return {**params, "head.weight": 2 * protos, "head.bias": -protos.pow(2).sum(1)}
+        # The head descends from the body's initial tensors, but the inner gradient is the
+        # partial derivative w.r.t. each adapted tensor: hand the body on as new graph nodes
+        # (views) that the head does not descend from. Otherwise autograd.grad w.r.t. a body
+        # tensor adds the path through the prototypes (the total derivative), and the
+        # second-order inner loop differs from the first-order and test-time ones (found by
+        # tests/test_npbml_batched.py; the batched path takes partials by construction).
+        body = {n: t.view_as(t) for n, t in params.items()}
+        return {**body, "head.weight": 2 * protos, "head.bias": -protos.pow(2).sum(1)}
 
     def _with_head(self, params: Params | None) -> Params:
         if self.network.head_row is None:
@@ -218,7 +229,13 @@ class NPBML(GradientLearner):
         return {**self.head_params(), **(params or {})}
 
     def forward(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
-        """Logits of ``x`` (raw inputs) at ``params`` (missing entries: the initialisation)."""
+        """Logits of ``x`` (raw inputs) at ``params`` (missing entries: the initialisation).
+
+        The frozen leading blocks run through :meth:`frozen_features` (no graph, their fast
+        layout) unless ``x`` itself needs a gradient: nothing in them is adapted or
+        meta-learned, so the result and every meta-gradient are the same."""
+        if self.frozen_prefix and not x.requires_grad:
+            return self.forward_from(self.frozen_features(x), params, self.frozen_prefix)
         return self.run_module(self.network, self._with_head(params), x)
 
     def forward_from(self, h: torch.Tensor, params: Params | None, start: int) -> torch.Tensor:
@@ -227,10 +244,20 @@ class NPBML(GradientLearner):
 
     @torch.no_grad()
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of the frozen leading blocks (no graph); ``x`` itself if there are none."""
+        """Output of the frozen leading blocks (no graph); ``x`` itself if there are none.
+
+        On CPU this no-grad pass always runs channels-last (:mod:`npbml.layout`; 3.3x faster for
+        Conv4-32 at 28x28, mostly max-pooling, docs/benchmarks.md) and hands its output back in
+        the learner's own layout: the adapted blocks' tiny activations are faster NCHW, so the
+        layout must not leak into the inner loop. A layout changes rounding only."""
         if not self.frozen_prefix:
             return x
-        return self.run_module(self.network, None, x, 0, self.frozen_prefix, method="run_blocks")
+        if x.device.type != "cpu" or self.channels_last:
+            return self.run_module(
+                self.network, None, x, 0, self.frozen_prefix, method="run_blocks"
+            )
+        h = run_channels_last(self.network, None, x, 0, self.frozen_prefix, method="run_blocks")
+        return h.contiguous()
 
     @torch.no_grad()
     def relation_scores(
@@ -315,10 +342,55 @@ class NPBML(GradientLearner):
         logits = self.forward_from(self.frozen_features(task.query_x), fast, self.frozen_prefix)
         return F.cross_entropy(logits, task.query_y), logits
 
+    def batches(self, tasks: list[Episode]) -> bool:
+        """Whether the tasks go through the batched inner loop (:mod:`.batched`): the option
+        ``batch_tasks``, more than one task, one shape for all, and the NCHW layout."""
+        return (
+            self.options.batch_tasks
+            and len(tasks) > 1
+            and not self.channels_last
+            and batchable(tasks)
+        )
+
+    def batched_task_losses(
+        self, tasks: list[Episode], mode: str | None = None, steps: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task query losses ``[B]`` and adapted query logits ``[B, Q, N]`` of equally
+        shaped tasks, all tasks' inner loops at once (:func:`.batched.batched_query_logits`);
+        the same values as :meth:`task_loss` task by task, up to rounding."""
+        mode = mode or ("first" if self.first_order else "second")
+        steps = self.inner_steps if steps is None else steps
+        logits, acted = batched_query_logits(self, tasks, steps, mode)
+        if self.inner_max_grad_norm is not None:
+            counts = self._inner_counts.setdefault(threading.get_ident(), [0, 0])
+            counts[0] += int(acted.detach().sum())
+            counts[1] += len(tasks) * steps
+        qy = torch.stack([t.query_y for t in tasks])
+        losses = F.cross_entropy(logits.flatten(0, 1), qy.flatten(), reduction="none")
+        return losses.view(len(tasks), -1).mean(1), logits
+
+    def _batched_metrics(
+        self, losses: torch.Tensor, logits: torch.Tensor, tasks: list[Episode]
+    ) -> Metrics:
+        accs = [_accuracy(lg, t.query_y) for lg, t in zip(logits, tasks)]
+        metrics: Metrics = {
+            "loss": float(losses.detach().mean()),
+            "accuracy": sum(accs) / len(accs),
+        }
+        return self._add_clip_metric(metrics, [self.pop_inner_counts()])
+
     def outer_loss(self, episode: Episode) -> tuple[torch.Tensor, Metrics]:
         """As MAML's, plus ``metrics["finite"]``: False when the meta-loss is NaN/inf (the
-        training loop should then skip the step, see :func:`nonfinite_gradients`)."""
-        loss, metrics = super().outer_loss(episode)
+        training loop should then skip the step, see :func:`nonfinite_gradients`). Equally
+        shaped tasks go through the batched inner loop (:meth:`batches`)."""
+        tasks = self._tasks(episode)
+        if self.batches(tasks):
+            self.pop_inner_counts()
+            losses, logits = self.batched_task_losses(tasks)
+            loss = losses.sum() / len(tasks)
+            metrics = self._batched_metrics(losses, logits, tasks)
+        else:
+            loss, metrics = super().outer_loss(episode)
         finite = bool(torch.isfinite(loss.detach()))
         metrics["finite"] = finite
         if not finite:
@@ -326,13 +398,95 @@ class NPBML(GradientLearner):
         return loss, metrics
 
     def meta_backward(self, episode: Episode, workers: int | None = None) -> Metrics:
-        """As the base class (per-task backward, optionally task-parallel), plus
-        ``metrics["finite"]`` as in :meth:`outer_loss`."""
-        metrics = super().meta_backward(episode, workers)
+        """As the base class, plus ``metrics["finite"]`` as in :meth:`outer_loss`. Equally
+        shaped tasks go through the batched inner loop (:meth:`batches`), with ``workers`` > 1
+        as that many batched chunks on as many threads; otherwise per task (optionally
+        task-parallel)."""
+        tasks = self._tasks(episode)
+        workers = self.task_workers if workers is None else int(workers)
+        if self.batches(tasks) and workers > 1:
+            metrics = self._parallel_batched_backward(tasks, workers)
+        elif self.batches(tasks):
+            self.pop_inner_counts()
+            losses, logits = self.batched_task_losses(tasks)
+            (losses.sum() / len(tasks)).backward()
+            metrics = self._batched_metrics(losses, logits, tasks)
+        else:
+            metrics = super().meta_backward(episode, workers)
         metrics["finite"] = math.isfinite(metrics["loss"])
         if not metrics["finite"]:
             warnings.warn("NPBML: non-finite meta-loss", RuntimeWarning, stacklevel=2)
         return metrics
+
+    def _parallel_batched_backward(self, tasks: list[Episode], workers: int) -> Metrics:
+        """``workers`` contiguous chunks of the meta-batch, each through the batched inner
+        loop on its own thread (:func:`~npbml.algorithms.task_parallel.parallel_task_gradients`),
+        gradients added in chunk order."""
+        size = -(-len(tasks) // workers)
+        chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+        params = self.meta_parameters()
+        counts: list[tuple[int, int]] = []
+
+        def chunk_fn(replica: nn.Module, chunk: list[Episode]) -> tuple[torch.Tensor, float]:
+            learner = cast(NPBML, replica)  # a replicate() of self: the same class
+            learner.pop_inner_counts()
+            if len(chunk) > 1:
+                losses, logits = learner.batched_task_losses(chunk)
+            else:
+                loss, lg = learner.task_loss(chunk[0])
+                losses, logits = loss.unsqueeze(0), lg.unsqueeze(0)
+            counts.append(learner.pop_inner_counts())  # list.append is atomic under the GIL
+            acc = sum(_accuracy(lg, t.query_y) for lg, t in zip(logits, chunk))
+            return losses.sum(), acc
+
+        results = parallel_task_gradients(
+            self, chunks, params, chunk_fn, workers, divisor=len(tasks)
+        )
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                for grads, _, _ in results:
+                    g = grads[j]
+                    if g is not None:
+                        p.grad = g.clone() if p.grad is None else p.grad + g
+        metrics: Metrics = {
+            "loss": sum(r[1] for r in results) / len(tasks),
+            "accuracy": sum(r[2] for r in results) / len(tasks),
+        }
+        return self._add_clip_metric(metrics, counts)
+
+    def evaluate(self, episode: Episode, inner_steps: int | None = None) -> Metrics:
+        """As the base class; equally shaped tasks adapt together (:meth:`batches`)."""
+        tasks = self._tasks(episode)
+        if not self.batches(tasks):
+            return super().evaluate(episode, inner_steps)
+        steps = (
+            self.eval_inner_steps
+            if inner_steps is None
+            else self._check_steps(inner_steps, "inner_steps")
+        )
+        self.pop_inner_counts()
+        with torch.no_grad():
+            losses, logits = self.batched_task_losses(tasks, "none", steps)
+        accs = [_accuracy(lg, t.query_y) for lg, t in zip(logits, tasks)]
+        peaks = logits.abs().flatten(1).max(1).values
+        peak = float(peaks.max()) if bool(torch.isfinite(peaks).all()) else math.inf
+        metrics: Metrics = {
+            "loss": float(losses.mean()),
+            "accuracy": sum(accs) / len(accs),
+            "losses": [float(v) for v in losses],
+            "accuracies": accs,
+            "max_abs_logit": peak,
+            "max_abs_logits": [
+                float(v) if bool(torch.isfinite(v)) else math.inf for v in peaks
+            ],
+        }
+        return self._add_clip_metric(metrics, [self.pop_inner_counts()])
+
+    @property
+    def evaluation_batch(self) -> int:
+        """How many test episodes :func:`npbml.evaluate.evaluate` hands over at once: 4 with
+        the batched inner loop (the meta-batch of the configs), else 1."""
+        return 4 if self.options.batch_tasks and not self.channels_last else 1
 
     def nonfinite_meta_gradients(self) -> list[str]:
         """Names of meta-parameters whose gradient is non-finite (call after backward)."""

@@ -75,6 +75,9 @@ class NPBMLOptions:
             head's own weights, MAML's init) or ``"proto"`` (per task, the nearest-prototype
             classifier of the support features: Proto-MAML, Triantafillou et al. 2020).
         joint_forward: the inner forward runs on ``[S_x; Q_x]`` together.
+        batch_tasks: the inner loops of a meta-batch's equally shaped tasks run as one
+            vectorised loop (:mod:`npbml.algorithms.npbml.batched`; the same math, fewer
+            operations); False: task by task.
         ablation: a key of :data:`ABLATIONS`; overrides ``use_film``, ``use_warp``,
             ``loss_terms``.
         backbone_checkpoint: a ``npbml pretrain`` file whose body weights are loaded into the
@@ -106,6 +109,7 @@ class NPBMLOptions:
     center_loss: bool = True
     head_init: Literal["row", "model", "proto"] = "row"
     joint_forward: bool = True
+    batch_tasks: bool = True
     ablation: str | None = None
     backbone_checkpoint: str | None = None
     relation_checkpoint: str | None = None

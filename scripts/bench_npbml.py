@@ -1,0 +1,242 @@
+"""NPBML's meta-step and test-time adaptation against MAML's, side by side (issue 13).
+
+Two settings, both one torch thread, synthetic 28x28x1 inputs (the cost does not depend on the
+pixels), 5-way 1-shot:
+
+- ``demo``: the demo's shapes (``configs/demo.yaml`` / ``configs/npbml_demo.yaml``): Conv4-32
+  max-pool, 5 queries per class at meta-training and 15 at test, meta-batch 4. MAML: all layers,
+  lr 0.4, 1 second-order inner step (3 at test). NPBML: its defaults (blocks 0-2 frozen, last
+  block + FiLM + head adapted, warp, CE + L_S + L_Q + R, 5 Nesterov steps), relation network of
+  the backbone's width (32), as the demo pre-trains it.
+- ``bench``: the NPBML row of ``scripts/bench_step.py --against learn2learn``: Conv4-64 strided,
+  15 queries per class, meta-batch 16, relation network width 64.
+
+Variants: ``maml`` and ``maml-cl`` (MAML channels-last, :mod:`npbml.layout`), ``npbml``. Each
+meta-step is ``zero_grad`` + ``learner.meta_backward(batch, workers=1)`` (one thread; NPBML's
+tasks go through its batched inner loop, :mod:`npbml.algorithms.npbml.batched`). Test time is
+``learner.evaluate`` on 4 test-shaped tasks at once, per task (what ``npbml eval`` hands NPBML,
+``NPBML.evaluation_batch``; MAML adapts them one by one either way), and on one task alone.
+Timing: thread CPU time (``time.thread_time``) and wall time of every call, the variants
+interleaved round-robin (order rotated every round) after ``--warmup`` calls each, so that load
+from other jobs hits all alike; the table gives medians and the ratios NPBML / MAML (and against
+the faster MAML layout).
+
+``--repo DIR`` imports ``npbml`` from another checkout (e.g. a worktree of an older commit), to
+measure "before" and "after" with the same script.
+
+Usage:
+    python scripts/bench_npbml.py                                # both settings, JSON to stdout
+    python scripts/bench_npbml.py --out docs/bench_npbml.json --markdown docs/benchmarks.md
+    python scripts/bench_npbml.py --repo /path/to/old/checkout --setting demo --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MD_START, MD_END = "<!-- bench_npbml:start -->", "<!-- bench_npbml:end -->"
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "demo": dict(hidden=32, variant="maxpool", queries=5, test_queries=15, meta_batch=4),
+    "bench": dict(hidden=64, variant="strided", queries=15, test_queries=15, meta_batch=16),
+}
+VARIANTS = ("maml", "maml-cl", "npbml")
+
+
+def _batch(
+    torch: Any, episode_cls: Any, ways: int, queries: int, meta_batch: int, seed: int
+) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(meta_batch):
+        sy = torch.arange(ways)
+        qy = torch.arange(ways).repeat_interleave(queries)
+        eps.append(
+            episode_cls(
+                torch.rand(ways, 1, 28, 28, generator=g),
+                sy,
+                torch.rand(len(qy), 1, 28, 28, generator=g),
+                qy,
+                torch.arange(ways),
+            )
+        )
+    return episode_cls.stack(eps)
+
+
+def build(variant: str, setting: dict[str, Any], ways: int = 5) -> Any:
+    """The learner of one variant (seeded: every run builds the same weights)."""
+    import torch
+
+    from npbml.algorithms import MAML, NPBML
+    from npbml.models import Conv4
+    from npbml.relation import RelationNetwork
+
+    torch.manual_seed(0)
+    model = Conv4(1, ways, hidden=setting["hidden"], image_size=28, variant=setting["variant"])
+    if variant == "npbml":
+        relation = RelationNetwork(channels=setting["hidden"], in_channels=1)
+        return NPBML(model, relation_net=relation)
+    return MAML(
+        model,
+        inner_lr=0.4,
+        inner_steps=1,
+        eval_inner_steps=3,
+        channels_last=variant == "maml-cl",
+    )
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    t, w = time.thread_time(), time.perf_counter()
+    fn()
+    return time.thread_time() - t, time.perf_counter() - w
+
+
+def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved meta-step and test-time timings of every variant in one setting."""
+    import torch
+
+    from tasks.episode import Episode
+
+    s = SETTINGS[name]
+    train = _batch(torch, Episode, args.ways, s["queries"], s["meta_batch"], 0)
+    test = _batch(torch, Episode, args.ways, s["test_queries"], 4, 1)
+    one = test.unstack()[0]
+    learners = {v: build(v, s, args.ways) for v in VARIANTS}
+
+    def step(v: str) -> Callable[[], Any]:
+        learner = learners[v]
+
+        def run() -> None:
+            for p in learner.meta_parameters():
+                p.grad = None
+            learner.meta_backward(train, workers=1)
+
+        return run
+
+    def evaluate(v: str) -> Callable[[], Any]:
+        return lambda: learners[v].evaluate(test)
+
+    def evaluate_one(v: str) -> Callable[[], Any]:
+        return lambda: learners[v].evaluate(one)
+
+    out: dict[str, Any] = {"setting": {"name": name, "ways": args.ways, "shots": 1, **s}}
+    phases = (
+        ("meta_step", step, 1),
+        ("test_time", evaluate, 4),
+        ("test_time_single", evaluate_one, 1),
+    )
+    for kind, make, per in phases:
+        for v in VARIANTS:
+            for _ in range(args.warmup):
+                make(v)()
+        times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+        for r in range(args.steps):
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            for v in order:
+                times[v].append(_timed(make(v)))
+        out[kind] = {
+            v: {
+                "thread_s": statistics.median(t for t, _ in ts) / per,
+                "wall_s": statistics.median(w for _, w in ts) / per,
+            }
+            for v, ts in times.items()
+        }
+        res = out[kind]
+        best = min(res["maml"]["thread_s"], res["maml-cl"]["thread_s"])
+        res["ratio_thread"] = res["npbml"]["thread_s"] / res["maml"]["thread_s"]
+        res["ratio_wall"] = res["npbml"]["wall_s"] / res["maml"]["wall_s"]
+        res["ratio_thread_vs_best_maml"] = res["npbml"]["thread_s"] / best
+    return out
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    lines = [
+        MD_START,
+        "## NPBML vs MAML: meta-step and test-time adaptation (issue 13)",
+        "",
+        f"Command: `{command}` ({result['date']}, torch {result['torch']}, one thread, "
+        f"{result['steps']} interleaved rounds after {result['warmup']} warm-up).",
+        "",
+        "| setting | what | MAML ms | MAML-cl ms | NPBML ms | NPBML / MAML (thread) | "
+        "NPBML / faster MAML | NPBML / MAML (wall) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["settings"].items():
+        for kind, label in (
+            ("meta_step", "meta-step"),
+            ("test_time", "test adaptation per task (4 at once, as `npbml eval`)"),
+            ("test_time_single", "test adaptation, one task alone"),
+        ):
+            x = r[kind]
+            lines.append(
+                f"| {name} | {label} | {1e3 * x['maml']['thread_s']:.1f} | "
+                f"{1e3 * x['maml-cl']['thread_s']:.1f} | {1e3 * x['npbml']['thread_s']:.1f} | "
+                f"{x['ratio_thread']:.2f}x | {x['ratio_thread_vs_best_maml']:.2f}x | "
+                f"{x['ratio_wall']:.2f}x |"
+            )
+    lines += ["", MD_END]
+    return "\n".join(lines)
+
+
+def update_markdown(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    if MD_START in text and MD_END in text:
+        head, rest = text.split(MD_START, 1)
+        text = head + section + rest.split(MD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--setting", choices=[*SETTINGS, "both"], default="both")
+    p.add_argument("--steps", type=int, default=7, help="timed rounds per variant")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--repo", default=None, help="import npbml from this checkout instead")
+    p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument("--markdown", default=None, help="update this file's bench_npbml section")
+    p.add_argument("--json", action="store_true", help="print the JSON")
+    args = p.parse_args(argv)
+    if min(args.steps, args.ways - 1) < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1, --ways >= 2, --warmup >= 0")
+    sys.path.insert(0, str(Path(args.repo).resolve() if args.repo else REPO))
+    import torch
+
+    import npbml
+
+    torch.set_num_threads(1)
+    names = list(SETTINGS) if args.setting == "both" else [args.setting]
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "npbml": str(Path(npbml.__file__).parent),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "settings": {n: run_setting(n, args) for n in names},
+    }
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.markdown:
+        command = "python scripts/bench_npbml.py " + " ".join(argv or sys.argv[1:])
+        update_markdown(Path(args.markdown), markdown(result, command.strip()))
+    if args.json or not (args.out or args.markdown):
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
