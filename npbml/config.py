@@ -499,6 +499,9 @@ class FitLossConfig:
     little class-specific signal, see ``docs/results.md``). ``evolved``: ``checkpoint`` is an
     ``npbml evolve`` output
     folder or an ``EvolvedLoss`` JSON file.
+    ``guard`` (``ml3``, ``adalfl``; this toolkit's option, default off = the papers' form):
+    train and meta-train through :class:`~npbml.loss_learning.GuardedLoss`, whose step never
+    opposes cross-entropy's and stays within [0.25, 4] times its norm (issue 15).
     """
 
     name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "ml3", "adalfl", "evolved"] = (
@@ -515,6 +518,7 @@ class FitLossConfig:
     meta_batch: Literal["next", "validation", "same"] = "next"
     offline_steps: int = 0
     reset_every: int | None = None
+    guard: bool = False
 
 
 @dataclass

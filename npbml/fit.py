@@ -51,7 +51,7 @@ from npbml.config import (  # the fit schema lives with the other configs; re-ex
 )
 from npbml.inner import InnerSGD
 from npbml.loss_learning.adalfl import AdaLFL
-from npbml.loss_learning.ml3 import ML3
+from npbml.loss_learning.ml3 import ML3, GuardedLoss
 from npbml.loss_learning.warm_start import regress_to_cross_entropy
 from npbml.losses import LearnedLoss, build_loss
 from npbml.run_dir import RunDir
@@ -567,11 +567,13 @@ def build_updater(
             meta_lr=lc.meta_lr,
             meta_batch=lc.meta_batch,
             task=data.task,
+            guard=lc.guard,
         )
         return AdaLFLUpdater(adalfl, _adalfl_meta_batches(cfg, data, batches))
     if lc.name == "ml3":
         offline = lambda pairs, steps, reset: _ml3_offline(model, loss_fn, oc, lc, pairs)  # noqa: E731
-        return ML3Updater(loss_fn, _make_optimizer(oc, model), offline)
+        trained = GuardedLoss(loss_fn) if lc.guard else loss_fn
+        return ML3Updater(trained, _make_optimizer(oc, model), offline)
     return OptimizerUpdater(loss_fn, _make_optimizer(oc, model))
 
 
@@ -764,7 +766,7 @@ def _ml3_offline(
     else:
         inner = InnerSGD(lr=oc.lr)
     loss_fn.requires_grad_(True)
-    ml3 = ML3(loss_fn, inner_optimizer=inner, meta_lr=lc.meta_lr)
+    ml3 = ML3(loss_fn, inner_optimizer=inner, meta_lr=lc.meta_lr, guard=lc.guard)
     start = copy.deepcopy(model)
     history = ml3.meta_train(lambda: copy.deepcopy(start), pairs, lc.offline_steps, lc.reset_every)
     loss_fn.requires_grad_(False)

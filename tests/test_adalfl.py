@@ -23,7 +23,7 @@ def test_base_update_matches_torch_sgd_nesterov_weight_decay():
     model = nn.Linear(3, 3)
     loss_net = LearnedLoss(hidden=(6, 6))
     reference = copy.deepcopy(model)
-    adalfl = AdaLFL(model, loss_net, base_lr=0.1, meta_lr=0.0)
+    adalfl = AdaLFL(model, loss_net, base_lr=0.1, meta_lr=0.0, guard=False)
     sgd = torch.optim.SGD(
         reference.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
@@ -154,3 +154,25 @@ def test_same_meta_batch_uses_the_steps_own_batch():
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(model.weight, twin_model.weight)
     same.step(batches[0])  # no validation source needed
+
+
+@pytest.mark.parametrize("loss_name", ["SaturatedLoss", "WrongWayLoss"])
+def test_guarded_adalfl_cannot_be_wrecked_by_its_loss(loss_name):
+    # Issue 15: the same guarantee as ML3's. A loss network that stalls past a knee or rewards
+    # wrong classes, frozen (meta_lr=0): the paper's form wrecks the run, the default guard not.
+    import test_ml3
+
+    def final_ce(guard):
+        torch.manual_seed(0)
+        x, y = test_ml3._blobs()
+        model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+        loss = getattr(test_ml3, loss_name)()
+        adalfl = AdaLFL(model, loss, base_lr=0.05, meta_lr=0.0, guard=guard)
+        batches = [(x[i : i + 30], y[i : i + 30]) for i in range(0, 300, 30)]
+        for _ in range(15):
+            adalfl.train_epoch(batches)
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(x), y).item()
+
+    assert not final_ce(False) < 0.6  # nan (skipped steps) counts as wrecked too
+    assert final_ce(True) < 0.2

@@ -21,7 +21,7 @@ def test_inner_step_is_plain_sgd_on_the_learned_loss():
     torch.manual_seed(0)
     model = nn.Linear(2, 3)
     loss_net = LearnedLoss(hidden=(5, 5))
-    ml3 = ML3(loss_net, inner_lr=0.2, meta_lr=0.0)
+    ml3 = ML3(loss_net, inner_lr=0.2, meta_lr=0.0, guard=False)  # the papers' form
     x, y = torch.randn(6, 2), torch.randint(0, 3, (6,))
     params = model_params(model)
     result = ml3.meta_step(model, params, (x, y), (x, y))
@@ -131,3 +131,126 @@ def test_cross_entropy_warm_start_rejects_bad_arguments():
         regress_to_cross_entropy(LearnedLoss(), steps=0)
     with pytest.raises(RuntimeError, match="max_error"):  # 3 steps cannot fit it
         regress_to_cross_entropy(LearnedLoss(inputs="log_prob"), steps=3)
+
+
+# -- issue 15: the guard against a learned loss that stalls or wrecks training ---------------
+
+
+class SaturatedLoss(nn.Module):
+    """The shape ML3's meta-learning produced on Fashion-MNIST (docs/losses.md): per class
+    ``softplus(k (knee - p_c))`` on the target, so the loss is flat once ``p_t`` passes the knee."""
+
+    def __init__(self, knee: float = 0.45, k: float = 100.0) -> None:
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(k))
+        self.knee = knee
+        self.task = "classification"
+
+    def forward(self, logits, targets):
+        p_t = torch.softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+        return torch.nn.functional.softplus(self.k * (self.knee - p_t)).mean()
+
+
+class WrongWayLoss(nn.Module):
+    """A loss that rewards wrong predictions (minus cross-entropy), with a meta-parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.0))
+        self.task = "classification"
+
+    def forward(self, logits, targets):
+        return -self.w * torch.nn.functional.cross_entropy(logits, targets)
+
+
+def _blobs(n=300, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, 5, generator=g) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    return centres[y] + torch.randn(n, 5, generator=g), y
+
+
+def _ce_after_training(loss_fn, guard, steps=400, lr=0.1):
+    from npbml.loss_learning import train_with_loss
+
+    torch.manual_seed(0)
+    x, y = _blobs()
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    batches = (
+        (x[i % 10 * 30 : i % 10 * 30 + 30], y[i % 10 * 30 : i % 10 * 30 + 30]) for i in range(steps)
+    )
+    train_with_loss(model, loss_fn, batches, steps, lr, guard=guard)
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x), y).item()
+
+
+@pytest.mark.parametrize("loss_cls", [SaturatedLoss, WrongWayLoss])
+def test_guarded_training_cannot_stall_or_go_the_wrong_way(loss_cls):
+    # The papers' unbounded form stalls past the knee (CE stays near -log 0.5) or diverges;
+    # the guarded default (train_with_loss, as ML3 meta-trains) trains the model.
+    unguarded = _ce_after_training(loss_cls(), guard=False)
+    guarded = _ce_after_training(loss_cls(), guard=True)
+    assert unguarded > 0.6, unguarded
+    assert guarded < 0.2, guarded
+
+
+def _gradients(loss_fn, z, y):
+    zz = z.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss_fn(zz, y), zz)
+    return g
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("make", [LearnedLoss, SaturatedLoss, WrongWayLoss])
+def test_guard_direction_and_scale_bounds(seed, make):
+    from npbml.loss_learning import GuardedLoss
+
+    torch.manual_seed(seed)
+    net = make()
+    z = torch.randn(16, 3) * 3
+    y = torch.randint(0, 3, (16,))
+    g = _gradients(GuardedLoss(net, min_ratio=0.5, max_ratio=2.0), z, y)
+    g_ce = _gradients(torch.nn.functional.cross_entropy, z, y)  # independent reference
+    ratio = float(g.norm() / g_ce.norm())
+    assert float((g * g_ce).sum()) >= -1e-6 * float(g_ce.norm()) ** 2  # never CE-ascent
+    assert 0.5 - 1e-5 <= ratio <= 2.0 + 1e-5
+    g_net = _gradients(net, z, y)
+    if float((g_net * g_ce).sum()) >= 0 and 0.5 <= float(g_net.norm() / g_ce.norm()) <= 2.0:
+        torch.testing.assert_close(g, g_net)  # inside the bounds the guard changes nothing
+
+
+def test_guard_keeps_the_meta_gradient_and_the_state_dict():
+    from npbml.loss_learning import GuardedLoss
+
+    torch.manual_seed(0)
+    net = LearnedLoss(hidden=(6, 6))
+    guard = GuardedLoss(net)
+    assert guard.state_dict().keys() == net.state_dict().keys()
+    z = torch.randn(8, 3, requires_grad=True)
+    y = torch.randint(0, 3, (8,))
+    (g_z,) = torch.autograd.grad(guard(z, y), z, create_graph=True)
+    grads = torch.autograd.grad(g_z.square().sum(), list(net.parameters()))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        assert torch.equal(guard(z, y), net(z, y))  # no graph: the plain learned loss
+    with pytest.raises(ValueError, match="min_ratio <= max_ratio"):
+        GuardedLoss(net, min_ratio=2.0, max_ratio=1.0)
+    ml3 = ML3(net)
+    assert isinstance(ml3.loss, GuardedLoss) and ML3(net, guard=False).loss is net
+
+
+@pytest.mark.parametrize("name", ["ml3", "adalfl"])
+def test_fit_with_the_guard(tmp_path, name):
+    # npbml fit: loss.guard=true trains through the guard and checkpoints the bare loss network.
+    from reference_runs import blobs_npz, fit_config
+
+    from npbml.fit import fit, fit_config_from_dict
+
+    loss = {"name": name, "guard": True, "offline_steps": 3}
+    final = fit(
+        fit_config_from_dict(fit_config(blobs_npz(tmp_path / "b.npz"), loss)), tmp_path / "r"
+    )
+    assert final["test_acc"] > 0.6  # 3 blobs; chance 1/3
+    if name == "ml3":
+        saved = torch.load(tmp_path / "r" / "loss_net.pt", weights_only=True)
+        assert set(saved) == set(LearnedLoss().state_dict())

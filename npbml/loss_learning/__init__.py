@@ -3,6 +3,7 @@
 from npbml.loss_learning.adalfl import AdaLFL, AdaLFLStep, adalfl_meta_loss
 from npbml.loss_learning.ml3 import (
     ML3,
+    GuardedLoss,
     MetaStepResult,
     default_meta_objective,
     model_params,
@@ -13,6 +14,7 @@ from npbml.loss_learning.warm_start import cross_entropy_targets, regress_to_cro
 
 __all__ = [
     "ML3",
+    "GuardedLoss",
     "AdaLFL",
     "AdaLFLStep",
     "MetaStepResult",

@@ -45,8 +45,10 @@ from npbml.inner import InnerSGD, SGDState
 from npbml.loss_learning.ml3 import (
     ML3,
     Batch,
+    GuardedLoss,
     MetaObjective,
     default_meta_objective,
+    guarded,
     unrolled_step,
 )
 from npbml.losses.learned import all_finite, restore_parameters, snapshot_parameters
@@ -119,6 +121,11 @@ class AdaLFL:
             for ``meta_batch="validation"`` unless batches are passed explicitly).
         meta_objective: ``(predictions, batch, params) -> scalar``; default CE / MSE by task.
         meta_optimizer: optimizer over ``loss_net.parameters()``; default Adam(``meta_lr``).
+        guard: ``True`` (default): every base step uses the loss inside
+            :class:`~npbml.loss_learning.ml3.GuardedLoss` (its logit-gradient never opposes
+            cross-entropy's and stays within [0.25, 4] times its norm), so a loss network the
+            meta-learner drives flat or steep cannot stall or wreck the run; a
+            :class:`GuardedLoss` for other bounds; ``False`` for the paper's unbounded form.
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class AdaLFL:
         task: str | None = None,
         meta_objective: MetaObjective | None = None,
         meta_optimizer: torch.optim.Optimizer | None = None,
+        guard: bool | GuardedLoss = True,
     ) -> None:
         if meta_batch not in META_BATCHES:
             raise ValueError(f"meta_batch must be one of {META_BATCHES}, got {meta_batch!r}")
@@ -142,6 +150,8 @@ class AdaLFL:
         self.loss_net = loss_net
         net_task: str = getattr(loss_net, "task", "classification")  # LearnedLoss.task: a str
         self.task = task or net_task
+        #: The loss of the base steps: ``loss_net``, guarded unless ``guard=False``.
+        self.loss = guarded(loss_net, guard)
         self.base_optimizer = InnerSGD(
             lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )
@@ -187,6 +197,7 @@ class AdaLFL:
             task=self.task,
             inner_optimizer=self.base_optimizer,
             meta_optimizer=self.meta_optimizer,
+            guard=self.loss if isinstance(self.loss, GuardedLoss) else False,
         )
         history = ml3.meta_train(lambda: copy.deepcopy(start), batches, steps, reset_every)
         self._last_good = snapshot_parameters(self.loss_net)
@@ -219,7 +230,7 @@ class AdaLFL:
         params = {k: v.detach().requires_grad_() for k, v in trainable.items()}
         meta, base, new_params, new_state = adalfl_meta_loss(
             self.model,
-            self.loss_net,
+            self.loss,
             params,
             batch,
             meta_batch,

@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,112 @@ def model_params(model: nn.Module) -> Params:
         for k, v in model.named_parameters()
         if v.requires_grad
     }
+
+
+class GuardedLoss(nn.Module):
+    """A learned loss that cannot stall or wreck training: its step is bounded against CE's.
+
+    Why (issue 15, measured on Fashion-MNIST in ``docs/losses.md``): ML3's per-class network ends
+    in a softplus, and the one-step meta-objective rewards a steep slope of ``g(p_t, 1)`` at the
+    predictions it sees. The meta-learner steepens it by moving the softplus knee onto those
+    predictions; past the knee ``g`` is flat (``exp``-small), so the loss stops training any
+    model whose target probability passes it. Since ML3 trains its meta-training model with the
+    loss itself, that model never passes the knee and the meta-objective never sees the flat
+    region: the stall reinforces itself. Measured: after 1000 meta steps ``g(p, 1) < 1e-3`` for
+    ``p >= 0.3`` in 4 of 5 seeds, the logit gradient fell to 4-16% of cross-entropy's, and the
+    first epoch ended at 20-60% test accuracy. The papers' form has no bound on either side: a
+    flat loss stalls, a steep one (or one rewarding wrong classes) diverges.
+
+    The guard (this toolkit's, not the papers'): with ``g_M = dM/dz`` and ``g_C = dCE/dz`` at the
+    batch's predictions ``z`` (the reference is MSE for regression),
+
+    1. direction: if ``<g_M, g_C> < 0`` the step would raise the batch's cross-entropy to first
+       order; ``c = -<g_M, g_C> / |g_C|^2`` times CE is added, removing that component;
+    2. scale: the result is multiplied by ``s`` so that ``|s (g_M + c g_C)|`` lies in
+       ``[min_ratio, max_ratio] |g_C|`` (a loss whose gradient vanishes is lifted to
+       ``min_ratio`` of CE's step; one that explodes is cut to ``max_ratio``).
+
+    ``c`` and ``s`` are per-batch constants (no gradient flows through them), so the gradient
+    w.r.t. the loss network's parameters keeps the learned loss's own dependence, scaled; the
+    meta-learner still chooses the direction and, within the bounds, the step size. Cost: one
+    extra backward through the loss network at the logits. Without a graph to the predictions
+    (evaluation, ``torch.no_grad``) the plain ``M`` is returned.
+
+    Args:
+        loss_net: the learned loss ``M_phi`` (``(predictions, targets) -> scalar``, mean over
+            the batch, e.g. :class:`~npbml.losses.LearnedLoss`).
+        min_ratio: lower bound of the step's logit-gradient norm, as a fraction of CE's.
+        max_ratio: upper bound, as a multiple of CE's.
+        task: ``"classification"`` (reference CE) or ``"regression"`` (reference MSE); default
+            ``loss_net.task``.
+    """
+
+    def __init__(
+        self,
+        loss_net: nn.Module,
+        min_ratio: float = 0.25,
+        max_ratio: float = 4.0,
+        task: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < min_ratio <= max_ratio:
+            raise ValueError(
+                f"GuardedLoss needs 0 < min_ratio <= max_ratio, got {min_ratio} and {max_ratio}"
+            )
+        self.net = loss_net
+        self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
+        net_task: str = getattr(loss_net, "task", "classification")  # LearnedLoss.task: a str
+        self.task = task or net_task
+        self.reference = default_meta_objective(self.task)
+        self.last: dict[str, float] = {}
+
+    def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = self.net(predictions, targets)
+        if not (torch.is_grad_enabled() and predictions.requires_grad and value.requires_grad):
+            return value
+        (g_m,) = torch.autograd.grad(value, predictions, retain_graph=True)
+        z = predictions.detach().requires_grad_()
+        with torch.enable_grad():
+            (g_c,) = torch.autograd.grad(self.reference(z, (z, targets), {}), z)
+        cc = float((g_c * g_c).sum())
+        if cc == 0.0 or not math.isfinite(cc):  # CE is flat (or broken) here: nothing to bound
+            return value
+        dot = float((g_m * g_c).sum())
+        c = max(0.0, -dot / cc)
+        norm = float((g_m + c * g_c).norm()) / math.sqrt(cc)  # |g_M + c g_C| / |g_C|
+        ref = self.reference(predictions, (predictions, targets), {})
+        if not math.isfinite(norm) or norm < 1e-12:
+            # No usable direction (the loss is flat here): take CE's, at the smallest step.
+            self.last = {"coef": 0.0, "scale": 0.0, "ratio": norm}
+            return value * 0.0 + self.min_ratio * ref
+        scale = min(max(norm, self.min_ratio), self.max_ratio) / norm
+        self.last = {"coef": c, "scale": scale, "ratio": norm}
+        return scale * (value + c * ref) if c > 0.0 else scale * value
+
+    # The guard has no state of its own: its state dict is the loss network's (same keys), so
+    # checkpoints of guarded and unguarded runs are interchangeable.
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return f"min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, task={self.task!r}"
+
+
+def guarded(loss_net: nn.Module, guard: bool | GuardedLoss | None) -> nn.Module:
+    """``loss_net`` wrapped in :class:`GuardedLoss` (default bounds) unless ``guard`` is falsy;
+    an already guarded loss, or a :class:`GuardedLoss` passed as ``guard``, is used as is."""
+    if isinstance(guard, GuardedLoss):
+        if guard.net is not loss_net:
+            raise ValueError("guard wraps a different loss network than the one given")
+        return guard
+    if not guard or isinstance(loss_net, GuardedLoss):
+        return loss_net
+    return GuardedLoss(loss_net)
 
 
 def loss_value(
@@ -115,6 +222,10 @@ class ML3:
             according to ``task`` (taken from ``loss_net.task`` when present).
         inner_optimizer: the differentiable base optimizer; default plain SGD with ``inner_lr``.
         meta_optimizer: optimizer over ``loss_net.parameters()``; default Adam(``meta_lr``).
+        guard: ``True`` (default) meta-trains the loss inside :class:`GuardedLoss` (its step
+            bounded against cross-entropy's; train with :attr:`loss` afterwards, or with
+            :func:`train_with_loss`, which guards too); a :class:`GuardedLoss` for other
+            bounds; ``False`` for the papers' unbounded form.
     """
 
     def __init__(
@@ -127,6 +238,7 @@ class ML3:
         task: str | None = None,
         inner_optimizer: InnerSGD | None = None,
         meta_optimizer: torch.optim.Optimizer | None = None,
+        guard: bool | GuardedLoss = True,
     ) -> None:
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -138,6 +250,8 @@ class ML3:
         self.meta_objective = meta_objective or default_meta_objective(self.task)
         self.meta_optimizer = meta_optimizer or torch.optim.Adam(loss_net.parameters(), lr=meta_lr)
         self.skipped_steps = 0
+        #: The loss the inner steps use: ``loss_net``, guarded unless ``guard=False``.
+        self.loss = guarded(loss_net, guard)
 
     def meta_step(
         self, model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, meta_batch: Batch
@@ -152,7 +266,7 @@ class ML3:
         base = torch.zeros(())
         for _ in range(self.inner_steps):
             base, new, state = unrolled_step(
-                model, self.loss_net, new, batch, self.inner_optimizer, state
+                model, self.loss, new, batch, self.inner_optimizer, state
             )
         preds = functional_forward(model, new, meta_batch[0])
         meta = self.meta_objective(preds, meta_batch, new)
@@ -207,12 +321,16 @@ def train_with_loss(
     steps: int,
     lr: float,
     optimizer: str = "sgd",
+    guard: bool | GuardedLoss = True,
 ) -> nn.Module:
     """Ordinary training of ``model`` on ``loss_fn`` (learned or not), ``phi`` frozen.
 
     Used at meta-test time: a learned loss trains a fresh model (ML3 sec IV). ``optimizer`` is
-    ``"sgd"`` or ``"adam"``. The loss network's parameters receive no update.
+    ``"sgd"`` or ``"adam"``. The loss network's parameters receive no update. A module loss is
+    wrapped in :class:`GuardedLoss` unless ``guard=False`` (as :class:`ML3` meta-trains it).
     """
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = guarded(loss_fn, guard)
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     elif optimizer == "adam":
