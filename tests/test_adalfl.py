@@ -176,3 +176,25 @@ def test_guarded_adalfl_cannot_be_wrecked_by_its_loss(loss_name):
 
     assert not final_ce(False) < 0.6  # nan (skipped steps) counts as wrecked too
     assert final_ce(True) < 0.2
+
+
+def _readme_block(title: str) -> str:
+    """The first ```python block of README.md's section ``title``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_online_loss_learning_example_runs():
+    # The README's "Online loss learning in your own loop" code, executed as written.
+    code = _readme_block("Online loss learning in your own loop")
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    adalfl, model = scope["adalfl"], scope["model"]
+    assert adalfl.steps == 3 * 7 and adalfl.skipped_steps == 0  # 8 batches: 7 steps per epoch
+    assert adalfl.model is model and adalfl.loss is not adalfl.loss_net  # guarded by default
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert scope["base_loss"] > 0 and scope["meta_loss"] > 0
