@@ -1,0 +1,97 @@
+"""scripts/fmnist_losses.py: the protocol on tiny IDX files (tuning, test read once, paired CIs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fmnist_losses.py"
+
+
+@pytest.fixture(scope="module")
+def fl():
+    spec = importlib.util.spec_from_file_location("fmnist_losses", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_idx import idx_bytes
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 400), ("t10k", 100)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), 2 * labels.astype(int)] = 255  # learnable: class c lights row 2c
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return tmp_path
+
+
+def test_paired_differences_and_student_t_interval(fl):
+    res = {
+        "ce": {"test": {"0": 0.80, "1": 0.82, "2": 0.81}},
+        "x": {"test": {"0": 0.81, "1": 0.84, "2": 0.80}},
+    }
+    got = fl.paired(res, "x")
+    d = [1.0, 2.0, -1.0]  # points, by hand
+    half = 4.303 * statistics.stdev(d) / math.sqrt(3)
+    assert got["mean"] == pytest.approx(statistics.mean(d))
+    assert got["low"] == pytest.approx(statistics.mean(d) - half)
+    assert got["high"] == pytest.approx(statistics.mean(d) + half)
+    assert got["n"] == 3 and got["wins"] == 2
+    assert fl.paired({"ce": {"test": {"0": 0.8}}, "x": {"test": {"0": 0.9}}}, "x") is None
+
+
+def test_protocol_end_to_end_reads_the_test_split_once(fl, tiny_root, tmp_path, monkeypatch):
+    reads: list[str] = []
+    original = fl.load_idx_float
+
+    def counting(name, split, root=None):
+        reads.append(split)
+        return original(name, split, root)
+
+    monkeypatch.setattr(fl, "load_idx_float", counting)
+    out = tmp_path / "out.json"
+    args = ["--models", "logistic", "--losses", "ce", "sparse_lsr", "adalfl_guarded", "ml3"]
+    args += ["--seeds", "0", "1", "--lrs", "0.01", "0.1", "--steps", "6", "--offline-steps", "2"]
+    args += ["--val-size", "50", "--root", str(tiny_root), "--json", str(out)]
+    fl.main(args)
+    assert reads.count("test") == 1 and reads.count("train") == 1
+    res = json.loads(out.read_text())["results"]["logistic"]
+    for loss in ("ce", "sparse_lsr", "adalfl_guarded", "ml3"):
+        entry = res[loss]
+        assert set(entry["val_by_lr"]) == {"0.01", "0.1"} and set(entry["test"]) == {"0", "1"}
+        assert entry["lr"] == float(max(entry["val_by_lr"], key=entry["val_by_lr"].get))
+        assert all(0.0 <= v <= 1.0 for v in entry["test"].values())
+    assert res["sparse_lsr"]["paired_vs_ce"]["n"] == 2
+    # Resuming with the same JSON re-runs nothing (every run is recorded).
+    reads.clear()
+    fl.main(args)
+    assert reads == ["train", "test"] and json.loads(out.read_text())["results"]["logistic"] == res
+
+
+def test_models_and_bad_names(fl):
+    import torch
+
+    for name, params in (("logistic", 7850), ("mlp", 269322), ("lenet5", 44426)):
+        model = fl.make_model(name)
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        fl.make_model("resnet")
+    with pytest.raises(ValueError, match="unknown loss"):
+        fl.fixed_loss("hinge", fl.DEFAULT_EVOLVED)
