@@ -235,6 +235,33 @@ def paired(results: dict[str, Any], loss: str) -> dict[str, float] | None:
     }
 
 
+def markdown(out: dict[str, Any]) -> str:
+    """One table per model: chosen lr, validation accuracy per lr, test mean, paired vs CE."""
+    lines: list[str] = []
+    for model_name, res in out["results"].items():
+        lines += [
+            f"#### {model_name}",
+            "",
+            "| loss | lr (val acc per lr) | test acc, mean +- sd (seeds) | paired vs CE, points "
+            "[95% CI] | wins | s/run |",
+            "|---|---|---|---|---:|---:|",
+        ]
+        for loss, entry in res.items():
+            vals = ", ".join(f"{lr}: {100 * v:.2f}" for lr, v in entry["val_by_lr"].items())
+            tests = [100 * v for v in entry["test"].values()]
+            sd = f" +- {statistics.stdev(tests):.2f}" if len(tests) > 1 else ""
+            acc = f"{statistics.mean(tests):.2f}{sd} ({len(tests)})" if tests else "-"
+            p = entry.get("paired_vs_ce")
+            diff = "-" if not p else f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]"
+            wins = "-" if not p else f"{p['wins']}/{p['n']}"
+            secs = [r["seconds"] for r in entry.get("runs", {}).values()]
+            per_run = f"{statistics.mean(secs):.0f}" if secs else "-"
+            lr = entry.get("lr", "-")
+            lines.append(f"| {loss} | {lr} ({vals}) | {acc} | {diff} | {wins} | {per_run} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run_model(
     args: argparse.Namespace, data: dict, model_name: str, out: dict, save: Callable[[], None]
 ) -> None:
@@ -286,10 +313,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--root", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--report", action="store_true", help="print the JSON's tables; run nothing")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.json)
     out = json.loads(path.read_text()) if path.exists() else {"results": {}}
+    if args.report:
+        print(markdown(out))
+        return out
     out["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
 
     def save() -> None:

@@ -78,6 +78,10 @@ def test_protocol_end_to_end_reads_the_test_split_once(fl, tiny_root, tmp_path, 
         assert entry["lr"] == float(max(entry["val_by_lr"], key=entry["val_by_lr"].get))
         assert all(0.0 <= v <= 1.0 for v in entry["test"].values())
     assert res["sparse_lsr"]["paired_vs_ce"]["n"] == 2
+    table = fl.markdown(json.loads(out.read_text()))
+    mean = 100 * statistics.mean(res["ml3"]["test"].values())
+    assert "#### logistic" in table and f"| ml3 | {res['ml3']['lr']} (" in table
+    assert f"{mean:.2f} +- " in table
     # Resuming with the same JSON re-runs nothing (every run is recorded).
     reads.clear()
     fl.main(args)
