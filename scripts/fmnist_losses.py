@@ -235,6 +235,48 @@ def paired(results: dict[str, Any], loss: str) -> dict[str, float] | None:
     }
 
 
+def ml3_knee(args: argparse.Namespace, data: dict, seed: int, guard: bool) -> dict[str, Any]:
+    """The ML3 collapse diagnosis (docs/losses.md): the learned ``g(p, 1)``, ``g(p, 0)`` on a
+    grid after offline meta-training, then per epoch of training with it (``--knee-images``
+    training images, lr 0.01 Nesterov) the validation accuracy, the mean target probability and
+    the median ratio of the loss's logit-gradient norm to cross-entropy's."""
+    torch.manual_seed(seed)
+    x, y = data["train"]
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: args.knee_images]
+    it = batches((x[keep], y[keep]), seed)
+    model, net = make_model("mlp"), LearnedLoss()
+    ml3 = ML3(
+        net, inner_optimizer=InnerSGD(**base_optimizer(args, 0.01)), meta_lr=1e-3, guard=guard
+    )
+    start = copy.deepcopy(model)
+    pairs = offline_pairs(it, args.offline_steps)
+    ml3.meta_train(lambda: copy.deepcopy(start), pairs, args.offline_steps, None)
+    net.requires_grad_(False)
+    grid = torch.linspace(0, 1, 11)
+    curve = {t: net.g(torch.stack([grid, torch.full_like(grid, float(t))], -1)) for t in (0, 1)}
+    sgd = torch.optim.SGD(model.parameters(), **base_optimizer(args, 0.01))
+    epochs = []
+    for _ in range(args.knee_epochs):
+        ratios = []
+        for _ in range(args.knee_images // BATCH):
+            xb, yb = next(it)
+            out = model(xb)
+            z = out.detach().requires_grad_()
+            (g_loss,) = torch.autograd.grad(ml3.loss(z, yb), z)
+            (g_ce,) = torch.autograd.grad(F.cross_entropy(z, yb), z)
+            ratios.append(float(g_loss.norm() / g_ce.norm()))
+            sgd.zero_grad(set_to_none=True)
+            ml3.loss(out, yb).backward()
+            sgd.step()
+        with torch.no_grad():
+            p = torch.softmax(model(data["val"][0]), -1)
+        p_t = p.gather(1, data["val"][1][:, None]).mean()
+        epochs.append({"val_acc": accuracy(model, data["val"]), "p_t": float(p_t),
+                       "grad_ratio": statistics.median(ratios)})  # fmt: skip
+    g = {f"g{t}": [round(float(v), 4) for v in c] for t, c in curve.items()}
+    return {"seed": seed, "guard": guard, **g, "epochs": epochs}
+
+
 def markdown(out: dict[str, Any]) -> str:
     """One table per model: chosen lr, validation accuracy per lr, test mean, paired vs CE."""
     lines: list[str] = []
@@ -314,6 +356,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", required=True)
     ap.add_argument("--report", action="store_true", help="print the JSON's tables; run nothing")
+    ap.add_argument("--knee", nargs="*", type=int, help="seeds of the ML3 collapse diagnosis only")
+    ap.add_argument("--knee-guard", action="store_true")
+    ap.add_argument("--knee-images", type=int, default=6000)
+    ap.add_argument("--knee-epochs", type=int, default=10)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.json)
@@ -329,6 +375,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp.replace(path)
 
     data = load_splits(args.root, args.val_size)
+    if args.knee is not None:
+        out["knee"] = [ml3_knee(args, data, seed, args.knee_guard) for seed in args.knee]
+        save()
+        return out
     for model_name in args.models:
         run_model(args, data, model_name, out, save)
     return out

@@ -99,3 +99,15 @@ def test_models_and_bad_names(fl):
         fl.make_model("resnet")
     with pytest.raises(ValueError, match="unknown loss"):
         fl.fixed_loss("hinge", fl.DEFAULT_EVOLVED)
+
+
+def test_ml3_knee_diagnosis(fl, tiny_root, tmp_path):
+    out = tmp_path / "knee.json"
+    args = ["--knee", "0", "--knee-guard", "--knee-images", "256", "--knee-epochs", "2"]
+    args += ["--offline-steps", "2", "--val-size", "50", "--root", str(tiny_root)]
+    knee = fl.main([*args, "--json", str(out)])["knee"]
+    assert len(knee) == 1 and knee[0]["guard"] and len(knee[0]["g1"]) == 11
+    assert len(knee[0]["epochs"]) == 2
+    # The guard's floor: the step is never below a quarter of cross-entropy's.
+    assert all(e["grad_ratio"] >= 0.25 - 1e-6 for e in knee[0]["epochs"])
+    assert json.loads(out.read_text())["knee"] == knee
