@@ -233,6 +233,8 @@ def test_guard_keeps_the_meta_gradient_and_the_state_dict():
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     with torch.no_grad():
         assert torch.equal(guard(z, y), net(z, y))  # no graph: the plain learned loss
+    with pytest.raises(ValueError, match="must return a scalar.*reduction='mean'"):
+        GuardedLoss(LearnedLoss(reduction="none"))(z, y)
     with pytest.raises(ValueError, match="min_ratio <= max_ratio"):
         GuardedLoss(net, min_ratio=2.0, max_ratio=1.0)
     ml3 = ML3(net)

@@ -111,6 +111,11 @@ class GuardedLoss(nn.Module):
 
     def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         value = self.net(predictions, targets)
+        if value.dim() != 0:
+            raise ValueError(
+                f"GuardedLoss bounds a batch's step, so its loss must return a scalar; got shape "
+                f"{tuple(value.shape)}: use reduction='mean' (or 'sum') in the loss network"
+            )
         if not (torch.is_grad_enabled() and predictions.requires_grad and value.requires_grad):
             return value
         (g_m,) = torch.autograd.grad(value, predictions, retain_graph=True)
