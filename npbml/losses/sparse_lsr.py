@@ -60,7 +60,7 @@ class _SparseLSRFunction(torch.autograd.Function):
         ctx.floored = (
             b > 0.0
             and bool(pt_minus_one.numel())
-            and bool(pt_minus_one.max() > -ONE_MINUS_PT_FLOOR)
+            and float(pt_minus_one.max()) > -ONE_MINUS_PT_FLOOR
         )
         if b > 0.0:
             # log((1 - p_t) / (C - 1)), the sign and 1 / (C - 1) folded into one multiply.
