@@ -309,6 +309,9 @@ def run_model(
 ) -> None:
     """Tune every loss's learning rate on validation, then train the reported seeds."""
     res = out["results"].setdefault(model_name, {})
+    # The lr each loss's recorded runs were trained at, before this call's tuning (runs recorded
+    # without their lr used the choice of that time).
+    previous = {loss: res.get(loss, {}).get("lr") for loss in args.losses}
     for loss in args.losses:
         entry = res.setdefault(loss, {"val_by_lr": {}, "test": {}, "runs": {}})
         for lr in args.lrs:
@@ -325,9 +328,11 @@ def run_model(
     test = ((test[0] - mean) / std, test[1])
     for seed, loss in itertools.product(args.seeds, args.losses):
         entry = res[loss]
-        if str(seed) in entry["test"]:
-            continue
+        done = entry["runs"].get(str(seed), {})
+        if str(seed) in entry["test"] and done.get("lr", previous[loss]) == entry["lr"]:
+            continue  # recorded at the lr chosen now (a widened grid can change the choice)
         model, info = train_run(args, data, model_name, loss, entry["lr"], seed)
+        info["lr"] = entry["lr"]
         entry["test"][str(seed)] = accuracy(model, test)
         entry["runs"][str(seed)] = info
         print(model_name, loss, "seed", seed, "test", entry["test"][str(seed)], info, flush=True)

@@ -111,3 +111,17 @@ def test_ml3_knee_diagnosis(fl, tiny_root, tmp_path):
     # The guard's floor: the step is never below a quarter of cross-entropy's.
     assert all(e["grad_ratio"] >= 0.25 - 1e-6 for e in knee[0]["epochs"])
     assert json.loads(out.read_text())["knee"] == knee
+
+
+def test_a_widened_grid_that_changes_the_lr_reruns_the_seeds(fl, tiny_root, tmp_path):
+    out = tmp_path / "out.json"
+    # A run recorded without its lr (older JSON) at lr 0.01, a validation score any lr beats.
+    old = {"val_by_lr": {"0.01": -1.0}, "lr": 0.01, "test": {"0": 0.123456}, "runs": {"0": {}}}
+    out.write_text(json.dumps({"results": {"logistic": {"ce": old}}}))
+    args = ["--models", "logistic", "--losses", "ce", "--seeds", "0", "--steps", "3"]
+    args += ["--val-size", "50", "--root", str(tiny_root), "--json", str(out)]
+    fl.main([*args, "--lrs", "0.01"])  # same grid: the recorded run stands
+    assert json.loads(out.read_text())["results"]["logistic"]["ce"]["test"] == {"0": 0.123456}
+    fl.main([*args, "--lrs", "0.01", "0.5"])  # 0.5 is measured, wins, and seed 0 is retrained
+    entry = json.loads(out.read_text())["results"]["logistic"]["ce"]
+    assert entry["lr"] == 0.5 and entry["runs"]["0"]["lr"] == 0.5 and entry["test"]["0"] != 0.123456
