@@ -77,7 +77,7 @@ def batched_query_logits(
     h0 = torch.stack([p[0] for p in per_task])
     relation = [p[1] for p in per_task if p[1] is not None]
     scores = torch.stack(relation) if relation else None
-    qh = torch.stack([learner.frozen_features(t.query_x) for t in tasks])
+    qh = torch.stack([learner.query_features(t.query_x) for t in tasks])
     sy = torch.stack([t.support_y for t in tasks])
     opt = learner.inner_optimizer
     track = mode != "none"

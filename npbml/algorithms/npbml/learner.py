@@ -48,6 +48,7 @@ from torch import nn
 
 from npbml.algorithms.base import GradientLearner, Metrics, _accuracy
 from npbml.algorithms.npbml.batched import batchable, batched_query_logits
+from npbml.algorithms.npbml.cache import EpisodeCache
 from npbml.algorithms.npbml.network import NPBMLNetwork, adapt_and_freeze, block_frozen
 from npbml.algorithms.npbml.options import NPBMLOptions
 from npbml.algorithms.task_parallel import parallel_task_gradients
@@ -148,6 +149,7 @@ class NPBML(GradientLearner):
         self.joint_forward = bool(opts.joint_forward)
         self.ways = network.head.out_features
         self.frozen_prefix = self._count_frozen_prefix()
+        self.episode_cache = EpisodeCache(opts.episode_cache)
 
     # ----------------------------------------------------------------- structure
     @property
@@ -235,7 +237,7 @@ class NPBML(GradientLearner):
         layout) unless ``x`` itself needs a gradient: nothing in them is adapted or
         meta-learned, so the result and every meta-gradient are the same."""
         if self.frozen_prefix and not x.requires_grad:
-            return self.forward_from(self.frozen_features(x), params, self.frozen_prefix)
+            return self.forward_from(self.query_features(x), params, self.frozen_prefix)
         return self.run_module(self.network, self._with_head(params), x)
 
     def forward_from(self, h: torch.Tensor, params: Params | None, start: int) -> torch.Tensor:
@@ -258,6 +260,27 @@ class NPBML(GradientLearner):
             )
         h = run_channels_last(self.network, None, x, 0, self.frozen_prefix, method="run_blocks")
         return h.contiguous()
+
+    def query_features(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`frozen_features` of the final query forward; from :attr:`episode_cache` when
+        no gradient is being recorded (test time), as the same queries come back at every
+        validation."""
+        if torch.is_grad_enabled():
+            return self.frozen_features(x)
+        return self.episode_cache.get(
+            "query", (x,), self._frozen_tensors(), lambda: self.frozen_features(x)
+        )
+
+    def _frozen_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the episode-level work reads: the frozen leading blocks (with their FiLM
+        and warp, if any) and the relation network; the cache keys on their versions."""
+        parts = ("blocks", "films", "warps")
+        prefixes = tuple(f"{p}.{i}." for i in range(self.frozen_prefix) for p in parts)
+        state = self.network.state_dict(keep_vars=True)
+        out = [t for n, t in state.items() if n.startswith(prefixes)]
+        if self.relation_net is not None:
+            out += list(self.relation_net.state_dict(keep_vars=True).values())
+        return out
 
     @torch.no_grad()
     def relation_scores(
@@ -296,6 +319,22 @@ class NPBML(GradientLearner):
         """Once per task: frozen-block features of ``[S_x; Q_x]`` (BN statistics over both; no
         graph), the frozen relation network's query scores, the support size and whether the
         forward is joint."""
+        if mode == "none":  # test time: the same episodes come back (validation)
+            key = [t for t in (support_x, support_y, query_x) if t is not None]
+            return self.episode_cache.get(
+                "inner",
+                key,
+                self._frozen_tensors(),
+                lambda: self._episode_inputs(support_x, support_y, query_x),
+            )
+        return self._episode_inputs(support_x, support_y, query_x)
+
+    def _episode_inputs(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor | None,
+        query_x: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
         loss_fn = self.task_loss_fn
         needs_query = loss_fn is not None and loss_fn.needs_query
         joint = query_x is not None and (self.joint_forward or needs_query)

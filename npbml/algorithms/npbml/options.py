@@ -78,6 +78,9 @@ class NPBMLOptions:
         batch_tasks: the inner loops of a meta-batch's equally shaped tasks run as one
             vectorised loop (:mod:`npbml.algorithms.npbml.batched`; the same math, fewer
             operations); False: task by task.
+        episode_cache: how many episodes' no-grad work (frozen features, relation scores) test
+            time keeps for episodes seen again, e.g. the fixed validation episodes
+            (:class:`~npbml.algorithms.npbml.cache.EpisodeCache`, keyed on content); 0: none.
         ablation: a key of :data:`ABLATIONS`; overrides ``use_film``, ``use_warp``,
             ``loss_terms``.
         backbone_checkpoint: a ``npbml pretrain`` file whose body weights are loaded into the
@@ -110,6 +113,7 @@ class NPBMLOptions:
     head_init: Literal["row", "model", "proto"] = "row"
     joint_forward: bool = True
     batch_tasks: bool = True
+    episode_cache: int = 128
     ablation: str | None = None
     backbone_checkpoint: str | None = None
     relation_checkpoint: str | None = None
