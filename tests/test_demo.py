@@ -41,6 +41,9 @@ def test_demo_trains_three_methods_on_bundled_omniglot(demo_run):
     by = {r["method"]: r for r in res["results"]}
     assert by["MAML"]["meta_steps"] >= 1 and by["NPBML"]["meta_steps"] >= 1
     assert by["Proto"]["meta_steps"] == 0 and by["Proto"]["run_dir"] is None
+    for r in res["results"]:  # a trained method that never validated is flagged, not reported
+        if r["run_dir"] is not None and r["best_val_accuracy"] is None:
+            assert "starting point" in r["warning"]
     # NPBML ran its pre-training and is tested from it; Proto uses that very backbone.
     npbml_opts = by["NPBML"]["config"]["algorithm"]["options"]
     assert (out / "npbml" / "backbone.pt").is_file()

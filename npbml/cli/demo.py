@@ -306,8 +306,9 @@ def _train_and_test(
 
     if out_of_time(0):
         print(
-            f"   budget too small: testing alone takes ~{per_task[0] * tasks:.0f} s; "
-            "training one step only (raise --minutes or lower --tasks)",
+            f"   budget too small: testing alone takes ~{per_task[0] * tasks:.0f} s of the "
+            f"{deadline - time.perf_counter():.0f} s left; training one step only (raise "
+            "--minutes or lower --tasks)",
             file=log,
         )
     bar = _BudgetBar(label, deadline - time.perf_counter(), show=not args.json)
@@ -430,6 +431,13 @@ def _run_method(
         config = demo_config(run, [*_overrides(args), *extra])
     res = _train_and_test(run.label, config, tasksets, out_dir, tasks, deadline, args, log)
     res["pretrain_s"] = round(pretrain_s, 1)
+    if res["best_val_accuracy"] is None:
+        # Stopped before its first validation: the number is (nearly) the starting point.
+        res["warning"] = (
+            f"{run.label} ran out of its share after {res['meta_steps']} meta-step(s), before its "
+            f"first validation (pre-training took {pretrain_s:.0f} s; the machine may be busy): "
+            "its accuracy is its starting point, not a meta-trained result; raise --minutes"
+        )
     return {"method": run.label, **res, "config": config.to_dict(), "run_dir": str(out_dir)}
 
 
@@ -499,6 +507,9 @@ def _print_report(
         print(f"           {_describe(run, config)}")
         if r["run_dir"] is not None:
             print(f"           run directory: {r['run_dir']}")
+    for r in results:
+        if r.get("warning"):
+            print(f"  warning: {r['warning']}")
     for p in diffs:
         print(
             f"  {p['a']} - {p['b']}: {100 * p['mean']:+.2f} +- {100 * p['ci95']:.2f} points "
