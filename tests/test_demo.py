@@ -113,3 +113,22 @@ def test_missing_demo_config_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "CONFIG_DIR", tmp_path)
     with pytest.raises(ConfigError, match="package data.*reinstall"):
         demo.demo_config(demo.OMNIGLOT_RUNS[0])
+
+
+def test_stop_rule_reserves_testing_but_trains_to_the_first_validation(monkeypatch, capsys):
+    """A share eaten by pre-training still meta-trains up to its first validation (scaled
+    down for small budgets); with time left it stops only when testing would not fit."""
+    import time
+
+    monkeypatch.setattr(demo, "_seconds_per_test_task", lambda config, tasksets: 0.01)
+    config = demo.demo_config(demo.OMNIGLOT_RUNS[1])  # NPBML, val_every 50
+    now = time.perf_counter()
+    _, late = demo._stop_rule(config, None, 600, now, demo.REFERENCE_MINUTES, sys.stdout)
+    assert "training 50 steps anyway" in capsys.readouterr().out
+    assert not late(0) and not late(49) and late(50)
+    _, small = demo._stop_rule(config, None, 600, now, 0.05, sys.stdout)
+    assert not small(4) and small(5)  # _scaled(50, 0.05) = 5
+    measure, roomy = demo._stop_rule(config, None, 600, now + 60.0, 8.0, sys.stdout)
+    assert not roomy(50)  # 600 x 0.01 s x 1.1 fits in the minute left
+    measure(50, [{"split": "validation", "eval_s": 10.0, "tasks": 100}])  # now 0.1 s a task
+    assert roomy(50)

@@ -263,6 +263,53 @@ class _BudgetBar:
             self.bar.close()
 
 
+def _stop_rule(
+    config: Config, tasksets: Any, tasks: int, deadline: float, minutes: float, log: TextIO
+) -> tuple[Any, Any]:
+    """When a demo method stops meta-training: when the time left before ``deadline`` only
+    just covers testing ``tasks`` tasks, but not before its first validation.
+
+    The minimum is the config's ``val_every`` steps (scaled down for budgets under
+    :data:`REFERENCE_MINUTES`, :func:`_scaled`): on a busy machine pre-training and the test
+    reservation can eat a whole share, and a method tested at its starting point says nothing,
+    so the budget overruns instead.
+
+    Args:
+        config: the run's config.
+        tasksets: its task sets.
+        tasks: test tasks.
+        deadline: ``time.perf_counter()`` value by which testing should end.
+        minutes: the demo's budget.
+        log: where the "budget too small" note goes.
+
+    Returns:
+        ``(measure, out_of_time)``: a training callback that re-measures the cost of a test task
+        at every validation, and the ``stop_when`` predicate.
+    """
+    # The cost of a test task is timed before training and re-measured at every validation
+    # (same episode shape and steps).
+    per_task = [_seconds_per_test_task(config, tasksets)]
+    min_steps = min(config.train.val_every, _scaled(config.train.val_every, minutes))
+
+    def measure(step: int, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            if r["split"] == "validation":
+                per_task[0] = r["eval_s"] / r["tasks"]
+
+    def out_of_time(step: int) -> bool:
+        late = time.perf_counter() + 1.1 * per_task[0] * tasks >= deadline
+        return late and step >= min_steps
+
+    if time.perf_counter() + 1.1 * per_task[0] * tasks >= deadline:
+        print(
+            f"   budget too small: testing alone takes ~{per_task[0] * tasks:.0f} s of the "
+            f"{deadline - time.perf_counter():.0f} s left; training {min_steps} steps anyway, "
+            "past the budget (raise --minutes or lower --tasks)",
+            file=log,
+        )
+    return measure, out_of_time
+
+
 def _train_and_test(
     label: str,
     config: Config,
@@ -292,25 +339,7 @@ def _train_and_test(
     """
     from npbml.train import load_learner, train
 
-    # The cost of a test task is timed before training and re-measured at every validation
-    # (same episode shape and steps).
-    per_task = [_seconds_per_test_task(config, tasksets)]
-
-    def measure(step: int, records: list[dict[str, Any]]) -> None:
-        for r in records:
-            if r["split"] == "validation":
-                per_task[0] = r["eval_s"] / r["tasks"]
-
-    def out_of_time(step: int) -> bool:
-        return time.perf_counter() + 1.1 * per_task[0] * tasks >= deadline
-
-    if out_of_time(0):
-        print(
-            f"   budget too small: testing alone takes ~{per_task[0] * tasks:.0f} s of the "
-            f"{deadline - time.perf_counter():.0f} s left; training one step only (raise "
-            "--minutes or lower --tasks)",
-            file=log,
-        )
+    measure, out_of_time = _stop_rule(config, tasksets, tasks, deadline, args.minutes, log)
     bar = _BudgetBar(label, deadline - time.perf_counter(), show=not args.json)
     t0 = time.perf_counter()
     try:
