@@ -132,3 +132,6 @@ def test_stop_rule_reserves_testing_but_trains_to_the_first_validation(monkeypat
     assert not roomy(50)  # 600 x 0.01 s x 1.1 fits in the minute left
     measure(50, [{"split": "validation", "eval_s": 10.0, "tasks": 100}])  # now 0.1 s a task
     assert roomy(50)
+    # A later, faster validation (cached episodes) does not lower the estimate again.
+    measure(100, [{"split": "validation", "eval_s": 0.1, "tasks": 100}])
+    assert roomy(100)
