@@ -87,12 +87,15 @@ def make_model(name: str) -> nn.Module:
     return model
 
 
-def load_splits(root: str | None, val_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Standardised train / validation images (the validation carved from the training split)."""
+def load_splits(
+    root: str | None, val_size: int, standardise: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train / validation images (the validation carved from the training split), standardised
+    with the training part's mean and std unless ``standardise=False`` (pixels in [0, 1])."""
     x, y = load_idx_float("fashion-mnist", "train", root)
     order = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(len(x)))
     iv, itr = order[:val_size], order[val_size:]
-    mean, std = x[itr].mean().item(), x[itr].std().item()
+    mean, std = (x[itr].mean().item(), x[itr].std().item()) if standardise else (0.0, 1.0)
     x = (x - mean) / std
     return {
         "train": (x[itr], y[itr]),
@@ -365,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--knee-guard", action="store_true")
     ap.add_argument("--knee-images", type=int, default=6000)
     ap.add_argument("--knee-epochs", type=int, default=10)
+    ap.add_argument("--raw-pixels", action="store_true", help="pixels in [0, 1], not standardised")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.json)
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp.write_text(json.dumps(out, indent=1))
         tmp.replace(path)
 
-    data = load_splits(args.root, args.val_size)
+    data = load_splits(args.root, args.val_size, standardise=not args.raw_pixels)
     if args.knee is not None:
         out["knee"] = [ml3_knee(args, data, seed, args.knee_guard) for seed in args.knee]
         save()
