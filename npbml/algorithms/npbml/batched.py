@@ -24,7 +24,7 @@ The meta-gradients and predictions equal the per-task path's up to float roundin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.func import grad, vmap
@@ -32,10 +32,39 @@ from torch.func import grad, vmap
 from npbml.params import Params
 from tasks.episode import Episode
 
-if TYPE_CHECKING:
-    from npbml.algorithms.npbml.learner import NPBML
+__all__ = ["BatchableLearner", "batchable", "batched_query_logits"]
 
-__all__ = ["batchable", "batched_query_logits"]
+
+class BatchableLearner(Protocol):
+    """What the batched inner loop needs from a learner (:class:`NPBML` has it all)."""
+
+    inner_optimizer: Any
+    inner_max_grad_norm: float | None
+    frozen_prefix: int
+
+    def inner_inputs(
+        self,
+        support_x: torch.Tensor,
+        mode: str,
+        support_y: torch.Tensor | None = ...,
+        query_x: torch.Tensor | None = ...,
+    ) -> Any: ...
+
+    def query_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def task_initial_params(self, inputs: Any, support_y: torch.Tensor) -> Params: ...
+
+    def inner_objective(
+        self,
+        params: Params,
+        inputs: Any,
+        support_y: torch.Tensor,
+        step: int,
+        support_x: torch.Tensor,
+        query_x: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+    def forward_from(self, h: torch.Tensor, params: Params | None, start: int) -> torch.Tensor: ...
 
 
 def batchable(tasks: Sequence[Episode]) -> bool:
@@ -65,7 +94,7 @@ def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Ten
 
 
 def batched_query_logits(
-    learner: NPBML, tasks: Sequence[Episode], steps: int, mode: str
+    learner: BatchableLearner, tasks: Sequence[Episode], steps: int, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapted query logits of every task, ``[B, Q, N]``, and the safeguard's count of acted
     steps per task ``[B]``; ``mode`` as :meth:`GradientLearner._adapt` (``"second"``,
