@@ -170,7 +170,7 @@ def test_relation_split_first_convolution_equals_explicit_pairs():
     split = net.relate(q, protos)
     explicit = net.relation(_pairs(q, protos))  # conv of the concatenations, as Sung et al.
     assert split.shape == explicit.shape == (21, 6, 2, 2)
-    assert float((split - explicit).abs().max()) <= TOL
+    assert float((split - explicit).detach().abs().max()) <= TOL
     # pair i * N + j is query i with class j
     assert torch.equal(_pairs(q, protos)[1 * 3 + 2, :6], q[1])
     assert torch.equal(_pairs(q, protos)[1 * 3 + 2, 6:], protos[2])
