@@ -469,10 +469,11 @@ def _run_method(
     res["pretrain_s"] = round(pretrain_s, 1)
     if res["best_val_accuracy"] is None:
         # Stopped before its first validation: the number is (nearly) the starting point.
+        pre = f"pre-training took {pretrain_s:.0f} s; " if pretrain_s else ""
         res["warning"] = (
             f"{run.label} ran out of its share after {res['meta_steps']} meta-step(s), before its "
-            f"first validation (pre-training took {pretrain_s:.0f} s; the machine may be busy): "
-            "its accuracy is its starting point, not a meta-trained result; raise --minutes"
+            f"first validation ({pre}a small budget or a busy machine): its accuracy is its "
+            "starting point, not a meta-trained result; raise --minutes"
         )
     return {"method": run.label, **res, "config": config.to_dict(), "run_dir": str(out_dir)}
 
