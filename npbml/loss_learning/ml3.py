@@ -62,9 +62,9 @@ class GuardedLoss(nn.Module):
     meta-objective, which rewards a steep slope of ``g(p_t, 1)`` at the predictions it sees,
     moves the softplus knee onto them; past the knee the loss is flat, and since ML3 trains its
     meta-training model with the loss itself, that model never passes the knee and the
-    meta-objective never sees the flat region (measured with [0, 1] pixels: ``g(p, 1) < 0.01``
-    from ``p = 0.3-0.4`` on in 4 of 5 seeds). A loss that is flat stalls; one that is steep, or
-    rewards wrong classes, diverges.
+    meta-objective never sees the flat region (measured with [0, 1] pixels and a
+    PyTorch-initialised MLP: ``g(p, 1) < 0.01`` from ``p = 0.3-0.4`` on in 4 of 5 seeds). A loss
+    that is flat stalls; one that is steep, or rewards wrong classes, diverges.
 
     The guard (this toolkit's, not the papers'): with ``g_M = dM/dz`` and ``g_C = dCE/dz`` at the
     batch's predictions ``z`` (the reference is MSE for regression),
