@@ -257,3 +257,19 @@ def test_episode_cache_gives_the_uncached_results_and_never_goes_stale():
         lru.get("x", [torch.tensor([float(i)])], [], lambda i=i: i)
     assert len(lru) == 2 and lru.get("x", [torch.tensor([3.0])], [], lambda: -1) == 3
     assert lru.get("x", [torch.tensor([0.0])], [], lambda: -1) == -1
+
+
+def test_a_learner_with_an_episode_cache_deep_copies_and_pickles():
+    import copy
+    import io
+
+    learner, _ = _pair()
+    learner.evaluate(_task(5))
+    assert len(learner.episode_cache) > 0
+    twin = copy.deepcopy(learner)
+    assert len(twin.episode_cache) == 0 and twin.episode_cache.size == learner.episode_cache.size
+    assert twin.evaluate(_task(5))["accuracies"] == learner.evaluate(_task(5))["accuracies"]
+    buf = io.BytesIO()
+    torch.save(learner, buf)
+    buf.seek(0)
+    assert len(torch.load(buf, weights_only=False).episode_cache) == 0

@@ -40,6 +40,18 @@ class EpisodeCache:
         self._entries: OrderedDict[Hashable, object] = OrderedDict()
         self._lock = threading.Lock()  # task-parallel evaluation shares one cache
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies and pickles (``copy.deepcopy`` of a learner, ``torch.save``) start empty: a
+        lock cannot be copied, and the entries are only a cache."""
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_entries"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __len__(self) -> int:
         return len(self._entries)
 
