@@ -415,6 +415,17 @@ class GradientLearner(nn.Module):
             return loss, _accuracy(logits, task.query_y)
 
         results = parallel_task_gradients(self, tasks, params, task_fn, workers, divisor=len(tasks))
+        return self._parallel_metrics(params, results, len(tasks), counts)
+
+    def _parallel_metrics(
+        self,
+        params: Sequence[torch.Tensor],
+        results: Sequence[tuple[list[torch.Tensor | None], float, float]],
+        n: int,
+        counts: Sequence[tuple[int, int]],
+    ) -> Metrics:
+        """Adds the threads' gradients into ``.grad`` and returns the mean loss/accuracy over
+        ``n`` tasks (``results`` of :func:`parallel_task_gradients`, summed per task or chunk)."""
         # Added in task order: the float operations of the sequential per-task backward.
         with torch.no_grad():
             for j, p in enumerate(params):
@@ -422,7 +433,6 @@ class GradientLearner(nn.Module):
                     g = grads[j]
                     if g is not None:
                         p.grad = g.clone() if p.grad is None else p.grad + g
-        n = len(tasks)
         metrics: Metrics = {
             "loss": sum(r[1] for r in results) / n,
             "accuracy": sum(r[2] for r in results) / n,

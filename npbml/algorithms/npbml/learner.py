@@ -481,17 +481,7 @@ class NPBML(GradientLearner):
         results = parallel_task_gradients(
             self, chunks, params, chunk_fn, workers, divisor=len(tasks)
         )
-        with torch.no_grad():
-            for j, p in enumerate(params):
-                for grads, _, _ in results:
-                    g = grads[j]
-                    if g is not None:
-                        p.grad = g.clone() if p.grad is None else p.grad + g
-        metrics: Metrics = {
-            "loss": sum(r[1] for r in results) / len(tasks),
-            "accuracy": sum(r[2] for r in results) / len(tasks),
-        }
-        return self._add_clip_metric(metrics, counts)
+        return self._parallel_metrics(params, results, len(tasks), counts)
 
     def evaluate(self, episode: Episode, inner_steps: int | None = None) -> Metrics:
         """As the base class; equally shaped tasks adapt together (:meth:`batches`)."""
