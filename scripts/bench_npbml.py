@@ -189,13 +189,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
 
 
 def update_markdown(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if MD_START in text and MD_END in text:
-        head, rest = text.split(MD_START, 1)
-        text = head + section + rest.split(MD_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    sys.path.insert(0, str(REPO / "scripts"))
+    from _markdown import update_section
+
+    update_section(path, section, MD_START, MD_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _markdown import update_section  # noqa: E402  (scripts/_markdown.py)
 from _memory import peak_rss_kib  # noqa: E402  (scripts/_memory.py)
 
 from npbml.algorithms import MAML  # noqa: E402
@@ -852,16 +853,6 @@ def _malloc_text(setting: dict[str, Any]) -> str:
         + ", ".join(f"`{k}={v}`" for k, v in env.items())
         + ")"
     )
-
-
-def update_section(path: Path, section: str, start: str, end: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main_against_l2l(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -176,19 +176,25 @@ def test_extreme_logits_stay_finite():
     assert math.isfinite(loss.item()) and bool(torch.isfinite(z.grad).all())
 
 
-def test_does_not_build_dense_intermediates_beyond_logsumexp():
-    # Autograd saves the logits (input) and per-row values only; no other [N, C] tensor is saved.
-    n, c = 4, 1000
+def _saved_for_backward(n: int, c: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits ``[n, c]`` and every tensor autograd saves for SparseLSR's backward."""
     z = torch.randn(n, c, requires_grad=True)
     t = torch.randint(0, c, (n,))
-    saved = []
+    saved: list[torch.Tensor] = []
 
-    def pack(x):
+    def pack(x: torch.Tensor) -> torch.Tensor:
         saved.append(x)
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         sparse_label_smoothing(z, t, 0.1)
+    return z, saved
+
+
+def test_does_not_build_dense_intermediates_beyond_logsumexp():
+    # Autograd saves the logits (input) and per-row values only; no other [N, C] tensor is saved.
+    n, c = 4, 1000
+    z, saved = _saved_for_backward(n, c)
     dense = [s for s in saved if s.numel() >= n * c and s.data_ptr() != z.data_ptr()]
     assert len(dense) <= 1, [tuple(s.shape) for s in dense]  # logsumexp saves its own result only
 
@@ -279,16 +285,7 @@ def test_gradient_under_the_floor_drops_the_b_term():
 def test_saves_no_class_sized_tensor_for_backward():
     # Only the logits themselves (by reference) and [N] vectors: the memory claim, exactly.
     n, c = 4, 1000
-    z = torch.randn(n, c, requires_grad=True)
-    t = torch.randint(0, c, (n,))
-    saved = []
-
-    def pack(x):
-        saved.append(x)
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        sparse_label_smoothing(z, t, 0.1)
+    z, saved = _saved_for_backward(n, c)
     dense = [s for s in saved if s.numel() >= c]
     assert len(dense) == 1 and dense[0].data_ptr() == z.data_ptr()
     assert sum(s.numel() for s in saved if s.data_ptr() != z.data_ptr()) <= 3 * n
