@@ -32,6 +32,7 @@ from torch import nn
 # uses it to pick the best-validation backbone (and re-exports it for existing callers).
 from npbml.algorithms.prototype import features as _features
 from npbml.algorithms.prototype import prototype_accuracy
+from npbml.film import block_channels
 
 # Backbone files live with the models (a learner loads them without importing this driver);
 # re-exported here, their former home.
@@ -45,6 +46,7 @@ from tasks.dataset import ClassDataset
 from tasks.sampler import EpisodeSource
 
 Logger = Callable[[dict[str, Any]], None]
+Features = Callable[[torch.Tensor], torch.Tensor]
 
 
 def mean_prototype_accuracy(
@@ -209,10 +211,15 @@ def pretrain_relation(
     seed: int = 0,
     device: torch.device | str = "cpu",
     log: Logger | None = None,
+    features: Features | None = None,
 ) -> PretrainResult:
     """Episodic pre-training of a relation network (Sung et al. 2018, eq. 3): Adam on the MSE
     between the scores ``[Q, N]`` and the one-hot query labels. With ``val_source``, the
-    argmax-score accuracy over fixed validation episodes selects the weights kept."""
+    argmax-score accuracy over fixed validation episodes selects the weights kept.
+
+    ``features`` (for ``RelationNetwork(reads="features")``) maps each episode's images
+    ``[S_x; Q_x]``, in one batch as NPBML's joint forward does, to the frozen backbone features
+    the relation network reads (:func:`backbone_features`)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = torch.device(device)
@@ -224,7 +231,7 @@ def pretrain_relation(
     running, n_run = 0.0, 0
     for step in range(1, steps + 1):
         ep = source.sample().to(device)
-        scores = relation(ep.support_x, ep.support_y, ep.query_x, ep.ways)
+        scores = _relation_scores(relation, ep, features)
         loss = F.mse_loss(scores, F.one_hot(ep.query_y, ep.ways).to(scores.dtype))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,7 +243,7 @@ def pretrain_relation(
             running, n_run = 0.0, 0
             if val_source is not None:
                 record["val_accuracy"] = relation_accuracy(
-                    relation, val_source, val_episodes, device
+                    relation, val_source, val_episodes, device, features
                 )
                 if record["val_accuracy"] > result.best_accuracy:
                     result.best_accuracy, result.best_step = record["val_accuracy"], step
@@ -258,14 +265,55 @@ def relation_accuracy(
     source: EpisodeSource,
     episodes: int,
     device: torch.device | str = "cpu",
+    features: Features | None = None,
 ) -> float:
-    """Mean query accuracy of ``argmax`` relation scores over episodes ``0..episodes-1``."""
+    """Mean query accuracy of ``argmax`` relation scores over episodes ``0..episodes-1``
+    (``features`` as in :func:`pretrain_relation`)."""
     accs = []
     for i in range(episodes):
         ep = source.sample(i).to(device)
-        scores = relation(ep.support_x, ep.support_y, ep.query_x, ep.ways)
+        scores = _relation_scores(relation, ep, features)
         accs.append(float((scores.argmax(1) == ep.query_y).float().mean()))
     return float(np.mean(accs))
+
+
+def _relation_scores(relation: RelationNetwork, ep: Any, features: Features | None) -> torch.Tensor:
+    if features is None:
+        return relation(ep.support_x, ep.support_y, ep.query_x, ep.ways)
+    with torch.no_grad():
+        h = features(torch.cat([ep.support_x, ep.query_x]))
+    n_s = ep.support_x.shape[0]
+    return relation(h[:n_s], ep.support_y, h[n_s:], ep.ways)
+
+
+def backbone_features(model: nn.Module, blocks: int) -> tuple[Features, int]:
+    """The frozen features of the first ``blocks`` blocks of a pre-trained backbone, as NPBML
+    computes them for its frozen blocks, and their channel count.
+
+    Args:
+        model: a backbone with ``blocks`` (``nn.Sequential``), e.g. :class:`~npbml.models.Conv4`.
+        blocks: how many leading blocks (NPBML's default freezes all but the last).
+
+    Returns:
+        ``(features, channels)``: a no-grad function images -> ``[B, C, H, W]``, and ``C``.
+
+    Raises:
+        ValueError: when the model has no ``blocks`` or ``blocks`` is out of range.
+    """
+    body = getattr(model, "blocks", None)
+    if not isinstance(body, nn.Sequential) or not 1 <= blocks <= len(body):
+        n = len(body) if isinstance(body, nn.Sequential) else 0
+        raise ValueError(
+            f"feature blocks must be 1..{n} leading blocks of a backbone with `blocks` "
+            f"(like npbml.models.Conv4), got {blocks} for {type(model).__name__}"
+        )
+    prefix = body[:blocks].requires_grad_(False)
+
+    @torch.no_grad()
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return prefix(x)
+
+    return features, block_channels(body[blocks - 1])[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +394,8 @@ def run_pretrain_relation_network(
     seed: int | None = None,
     device: torch.device | str = "cpu",
     log: Logger | None = None,
+    backbone: str | Path | None = None,
+    feature_blocks: int | None = None,
 ) -> tuple[PretrainResult, Path]:
     """The relation-network stage of an experiment: episodic pre-training on the config's task
     distribution (:func:`pretrain_relation`), written with :func:`~npbml.relation.save_relation`.
@@ -355,19 +405,36 @@ def run_pretrain_relation_network(
         tasksets: its task sets (``npbml.train.make_tasksets(config)``).
         out: the checkpoint file to write (``algorithm.options.relation_checkpoint``).
         steps, lr, val_episodes, eval_every: as in :func:`pretrain_relation`.
-        channels: embedding channels of the relation network.
+        channels: embedding channels of the relation network (ignored with ``backbone``).
         hidden: width of its fully connected layer.
         seed: the seed (default ``config.train.seed``).
         device: where to train.
         log: called with each log record (``None``: silent).
+        backbone: a ``npbml pretrain`` checkpoint: the relation module then reads the frozen
+            features of its first ``feature_blocks`` blocks (``RelationNetwork(reads=
+            "features")``) instead of embedding the images itself.
+        feature_blocks: how many leading blocks (default all but the last, the blocks NPBML
+            freezes by default).
 
     Returns:
         ``(result, path written)``.
     """
+    from npbml.models import build_model
     from npbml.train import infer_model_kwargs
 
-    in_channels = int(infer_model_kwargs(config, tasksets).get("in_channels", 1))
-    relation = RelationNetwork(channels=channels, in_channels=in_channels, hidden=hidden)
+    kwargs = {**infer_model_kwargs(config, tasksets), **config.model.options}
+    features = None
+    if backbone is None:
+        in_channels = int(kwargs.get("in_channels", 1))
+        relation = RelationNetwork(channels=channels, in_channels=in_channels, hidden=hidden)
+    else:
+        model = build_model(config.model.name, **kwargs)
+        load_backbone_weights(model, backbone)
+        k = len(getattr(model, "blocks", ())) - 1 if feature_blocks is None else feature_blocks
+        features, width = backbone_features(model.to(device), k)
+        relation = RelationNetwork(
+            channels=width, hidden=hidden, reads="features", feature_blocks=k
+        )
     result = pretrain_relation(
         relation,
         tasksets.train,
@@ -379,6 +446,7 @@ def run_pretrain_relation_network(
         seed=config.train.seed if seed is None else int(seed),
         device=device,
         log=log,
+        features=features,
     )
     path = save_relation(
         relation.cpu(), out, val_accuracy=result.best_accuracy, config_used=config.to_dict()

@@ -12,6 +12,12 @@ independent of the shot count); the relation module ``g`` scores the channel-wis
 ``[f(query), prototype]`` with two conv3x3-BN-ReLU-maxpool blocks, global average pooling and an
 MLP ``C -> hidden -> 1`` with a sigmoid. Pooling uses ``ceil_mode`` and the final pooling is
 global, so any feature-map size (down to 1x1, or flat ``[B, D]`` features) works.
+
+Two inputs. ``reads="images"`` (default) is Sung et al.'s network with its own embedding module.
+``reads="features"`` is the relation module alone, on the frozen features of the first
+``feature_blocks`` blocks of NPBML's pre-trained backbone: the embedding NPBML already computes
+for every episode, so the scores cost only the relation module (issue 13; the NPBML reference code
+has no relation network at all, docs/npbml.md row 20).
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ class RelationNetwork(nn.Module):
         channels: channel count ``C`` of the encoder output (needed to size the relation module).
         in_channels: image channels of the default encoder.
         hidden: width of the relation module's hidden FC layer (8 in Sung et al.).
+        reads: ``"images"`` (the default encoder embeds images) or ``"features"`` (the inputs
+            are already embedded: the default encoder is the identity).
+        feature_blocks: with ``reads="features"``, how many leading backbone blocks made the
+            features; :class:`~npbml.algorithms.NPBML` checks it against its frozen blocks.
     """
 
     def __init__(
@@ -70,13 +80,33 @@ class RelationNetwork(nn.Module):
         channels: int = 64,
         in_channels: int = 1,
         hidden: int = 8,
+        reads: str = "images",
+        feature_blocks: int | None = None,
     ) -> None:
         super().__init__()
+        if reads not in ("images", "features"):
+            raise ValueError(f"reads must be 'images' or 'features', got {reads!r}")
+        if reads == "features" and (feature_blocks is None or int(feature_blocks) < 1):
+            raise ValueError(
+                "a relation network that reads backbone features needs feature_blocks >= 1 "
+                f"(how many leading blocks made them), got {feature_blocks!r}"
+            )
         self.channels = int(channels)
+        self.reads = reads
+        self.feature_blocks = None if feature_blocks is None else int(feature_blocks)
         # Constructor arguments, enough to rebuild the network from a checkpoint (default encoder).
-        self.config = {"channels": self.channels, "in_channels": int(in_channels), "hidden": hidden}
+        self.config: dict[str, Any] = {
+            "channels": self.channels,
+            "in_channels": int(in_channels),
+            "hidden": hidden,
+        }
+        if reads == "features":
+            self.config.update(reads=reads, feature_blocks=self.feature_blocks)
         self.has_default_encoder = encoder is None
-        self.encoder = conv_embedding(in_channels, self.channels) if encoder is None else encoder
+        if encoder is None:
+            features = reads == "features"
+            encoder = nn.Identity() if features else conv_embedding(in_channels, channels)
+        self.encoder = encoder
 
         def block(cin: int) -> list[nn.Module]:
             return [
@@ -93,7 +123,7 @@ class RelationNetwork(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps ``[B, C, H, W]`` (flat encoder outputs become ``[B, C, 1, 1]``)."""
-        if x.device.type == "cpu" and self.has_default_encoder:
+        if x.device.type == "cpu" and self.has_default_encoder and self.reads == "images":
             # CPU convolutions and max-pooling are much faster channels-last; a 1-channel input
             # cannot signal that layout (it is NCHW and NHWC at once), so the weights carry it
             # (npbml.layout: 5x for the 1-channel first convolution at 28x28).

@@ -65,9 +65,20 @@ def base_row(row: str) -> str:
     return row.split(OPTION_SEP, 1)[0]
 
 
+# Not an NPBML option but the relation network a row uses: "full/relation=features" scores the
+# backbone's frozen features (`npbml pretrain-relation --backbone`, RelationNetwork(reads=
+# "features")) instead of the default image relation network (issue 13).
+FEATURE_RELATION = "relation=features"
+
+
 def row_options(row: str) -> list[str]:
     """The ``KEY=VALUE`` NPBML option overrides of a variant row (empty for a plain row)."""
-    return row.split(OPTION_SEP)[1:]
+    return [kv for kv in row.split(OPTION_SEP)[1:] if kv != FEATURE_RELATION]
+
+
+def reads_features(row: str) -> bool:
+    """Whether a row uses the relation network on the backbone's frozen features."""
+    return FEATURE_RELATION in row.split(OPTION_SEP)[1:]
 
 
 # Nearest-prototype rows -> distance ("proto" is short for the cosine one).
@@ -143,9 +154,16 @@ def pretrain(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
             )
         for j in jobs:
             j.result()
+    feature_relation = out / "relation_features.pt"
+    if any(reads_features(r) for r in args.rows) and not feature_relation.exists():
+        cmd = ["pretrain-relation", "--config", args.config, "--out", str(feature_relation)]
+        cmd += ["--backbone", str(backbone), "--steps", str(args.relation_steps)]
+        cmd += ["--eval-every", str(min(100, args.relation_steps)), "--seed", str(seed)]
+        npbml(*_with_sets(cmd, data_sets), log=out / "pretrain_relation_features.log")
     return {
         "backbone": str(backbone),
         "relation": str(relation) if need_relation else None,
+        "relation_features": str(feature_relation),
         "recipe": (
             f"{args.pretrain_steps} steps x batch {args.pretrain_batch}, lr {args.pretrain_lr:g}, "
             f"best of validation every {args.pretrain_eval_every} steps "
@@ -262,8 +280,9 @@ def trained_row(
         sets += [f"algorithm.options.ablation={base_row(row)}"]
         sets += [f"algorithm.options.{kv}" for kv in row_options(row)]
         sets += [f"algorithm.options.backbone_checkpoint={Path(pre['backbone']).resolve()}"]
-        if pre["relation"]:
-            sets += [f"algorithm.options.relation_checkpoint={Path(pre['relation']).resolve()}"]
+        relation = pre["relation_features"] if reads_features(row) else pre["relation"]
+        if relation:
+            sets += [f"algorithm.options.relation_checkpoint={Path(relation).resolve()}"]
     config = args.maml_config if row == "maml" else args.config
     # A finished run with the same command is reused (e.g. one 20-way training scored on
     # cross- and on within-alphabet test episodes by two invocations with the same --out).

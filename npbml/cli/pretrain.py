@@ -56,6 +56,19 @@ def add_relation_arguments(p: argparse.ArgumentParser) -> None:
     _common_arguments(p, steps=1000, lr=1e-3)
     p.add_argument("--channels", type=int, default=64, help="embedding channels (default 64)")
     p.add_argument("--hidden", type=int, default=8, help="relation FC width (default 8)")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="a `npbml pretrain` checkpoint: score its frozen features instead of embedding the "
+        "images (the relation module alone; much cheaper in NPBML)",
+    )
+    p.add_argument(
+        "--feature-blocks",
+        type=int,
+        default=None,
+        help="with --backbone: leading blocks whose features are scored (default: all but the "
+        "last, NPBML's frozen blocks)",
+    )
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, int, torch.device]:
@@ -130,6 +143,8 @@ def run_pretrain_relation(args: argparse.Namespace) -> int:
         seed=seed,
         device=device,
         log=_printer,
+        backbone=args.backbone,
+        feature_blocks=args.feature_blocks,
     )
     print(f"best validation relation accuracy {result.best_accuracy:.4f}; wrote {path}")
     return 0

@@ -149,6 +149,7 @@ class NPBML(GradientLearner):
         self.joint_forward = bool(opts.joint_forward)
         self.ways = network.head.out_features
         self.frozen_prefix = self._count_frozen_prefix()
+        self._check_relation_reads()
         self.episode_cache = EpisodeCache(opts.episode_cache)
 
     # ----------------------------------------------------------------- structure
@@ -173,6 +174,26 @@ class NPBML(GradientLearner):
                 break
             k += 1
         return k
+
+    @property
+    def relation_reads_features(self) -> bool:
+        """Whether the relation network scores the frozen-block features NPBML computes anyway
+        (``RelationNetwork(reads="features")``) instead of embedding the images itself."""
+        return getattr(self.relation_net, "reads", "images") == "features"
+
+    def _check_relation_reads(self) -> None:
+        """A features-reading relation network must have been trained on the features of
+        exactly this learner's frozen blocks."""
+        if not self.relation_reads_features:
+            return
+        made_by = getattr(self.relation_net, "feature_blocks", None)
+        if made_by != self.frozen_prefix:
+            raise ValueError(
+                f"the relation network reads the features of the first {made_by} backbone "
+                f"blocks, but this NPBML freezes the first {self.frozen_prefix}; pre-train it "
+                f"with `npbml pretrain-relation --backbone CKPT --feature-blocks "
+                f"{self.frozen_prefix}`, or use an image relation network"
+            )
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """As the base class, less the head's own tensors when the head row replaces them
@@ -284,11 +305,30 @@ class NPBML(GradientLearner):
 
     @torch.no_grad()
     def relation_scores(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Frozen relation network's scores ``[Q, N]`` (query inputs only; no labels)."""
+        """Frozen relation network's scores ``[Q, N]`` (query inputs only; no labels).
+
+        Args:
+            support_x, support_y, query_x: the episode's inputs.
+            features: the frozen-block features of ``[support_x; query_x]`` when already
+                computed; a features-reading relation network scores them (computed here
+                otherwise), an image one ignores them.
+
+        Returns:
+            The scores.
+        """
         assert self.relation_net is not None
-        return self.relation_net(support_x, support_y, query_x, self.ways)
+        if not self.relation_reads_features:
+            return self.relation_net(support_x, support_y, query_x, self.ways)
+        if features is None:
+            features = self.frozen_features(torch.cat([support_x, query_x]))
+        n_s = support_x.shape[0]
+        return self.relation_net(features[:n_s], support_y, features[n_s:], self.ways)
 
     # ----------------------------------------------------------------- inner loop
     def _adapt(
@@ -339,11 +379,12 @@ class NPBML(GradientLearner):
         needs_query = loss_fn is not None and loss_fn.needs_query
         joint = query_x is not None and (self.joint_forward or needs_query)
         x_in = torch.cat([support_x, query_x]) if joint and query_x is not None else support_x
+        h = self.frozen_features(x_in)
         scores = None
         if needs_query:
             assert support_y is not None and query_x is not None
-            scores = self.relation_scores(support_x, support_y, query_x)
-        return self.frozen_features(x_in), scores, support_x.shape[0], joint
+            scores = self.relation_scores(support_x, support_y, query_x, h if joint else None)
+        return h, scores, support_x.shape[0], joint
 
     def inner_objective(
         self,
