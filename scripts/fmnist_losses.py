@@ -18,8 +18,11 @@ Protocol (what ``docs/losses.md`` reports):
   (xi = 0.1), ML3 (offline: ``--offline-steps`` unrolled steps of the base optimiser on a
   continued model, meta Adam 1e-3, then frozen), AdaLFL (the same offline phase as its
   initialisation, then one meta step per base step on the next batch, meta Adam 1e-3), and an
-  EvoMAL loss (``--evolved``: a formula, not searched here). ``*_guarded`` variants train and
-  meta-train through :class:`npbml.loss_learning.GuardedLoss` (this toolkit's bound).
+  EvoMAL loss (``evomal`` or any ``evomal_*`` row name; ``--evolved``: a prefix formula with
+  unit node scalars, or the ``best.json`` of an ``npbml evolve`` search, e.g. with
+  ``configs/evomal_fmnist.yaml``, with its tuned scalars; each row records its formula and
+  refuses another). ``*_guarded`` variants train and meta-train through
+  :class:`npbml.loss_learning.GuardedLoss` (this toolkit's bound).
 * Tuning, the same for every loss: the learning rate from ``--lrs`` with the best final
   validation accuracy of one run at ``--tune-seed`` (not one of the reported seeds).
 * Report: the test split is read once, after tuning, and each final model is evaluated on it
@@ -46,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npbml.evomal import EvolvedLoss
+from npbml.evomal import EvolvedLoss, load_evolved_loss
 from npbml.inner import InnerSGD
 from npbml.loss_learning import ML3, AdaLFL
 from npbml.losses import LearnedLoss, sparse_label_smoothing
@@ -140,8 +143,9 @@ def fixed_loss(name: str, evolved: str) -> Callable[[torch.Tensor, torch.Tensor]
         return lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1)
     if name == "sparse_lsr":
         return lambda z, t: sparse_label_smoothing(z, t, 0.1)
-    if name == "evomal":
-        return EvolvedLoss(evolved)
+    if name.startswith("evomal"):
+        # A search's best.json (or EvolvedLoss.save file) keeps its tuned node scalars.
+        return load_evolved_loss(evolved) if evolved.endswith(".json") else EvolvedLoss(evolved)
     raise ValueError(f"unknown loss {name!r}")
 
 
@@ -317,6 +321,14 @@ def run_model(
     previous = {loss: res.get(loss, {}).get("lr") for loss in args.losses}
     for loss in args.losses:
         entry = res.setdefault(loss, {"val_by_lr": {}, "test": {}, "runs": {}})
+        if loss.startswith("evomal"):
+            recorded = entry.setdefault("evolved", args.evolved)
+            if recorded != args.evolved and entry["val_by_lr"]:
+                raise SystemExit(
+                    f"{model_name} {loss} was recorded with --evolved {recorded!r}, not "
+                    f"{args.evolved!r}: pass that, or give this formula another row name "
+                    "(evomal_NAME)"
+                )
         for lr in args.lrs:
             if str(lr) not in entry["val_by_lr"]:
                 model, info = train_run(args, data, model_name, loss, lr, args.tune_seed)
@@ -326,6 +338,8 @@ def run_model(
                 )
                 save()
         entry["lr"] = float(max(entry["val_by_lr"], key=lambda k: entry["val_by_lr"][k]))
+    if not args.seeds:
+        return  # tuning only (`--seeds` with no values): the test split is not read
     test = load_idx_float("fashion-mnist", "test", args.root)  # read once, after all tuning
     mean, std = data["norm"]
     test = ((test[0] - mean) / std, test[1])
@@ -352,14 +366,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--losses", nargs="+", default=["ce", "label_smoothing", "sparse_lsr", "adalfl", "ml3"]
     )
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4], help="none: tune only")
     ap.add_argument("--tune-seed", type=int, default=100)
     ap.add_argument("--lrs", nargs="+", type=float, default=[0.01, 0.03, 0.1])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--offline-steps", type=int, default=250)
     ap.add_argument("--base", choices=["sgd", "nesterov"], default="nesterov")
     ap.add_argument("--val-size", type=int, default=10000)
-    ap.add_argument("--evolved", default=DEFAULT_EVOLVED)
+    ap.add_argument(
+        "--evolved",
+        default=DEFAULT_EVOLVED,
+        help="the evomal loss: a prefix formula, or an EvoMAL search's best.json (tuned scalars)",
+    )
     ap.add_argument("--root", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", required=True)

@@ -125,3 +125,35 @@ def test_a_widened_grid_that_changes_the_lr_reruns_the_seeds(fl, tiny_root, tmp_
     fl.main([*args, "--lrs", "0.01", "0.5"])  # 0.5 is measured, wins, and seed 0 is retrained
     entry = json.loads(out.read_text())["results"]["logistic"]["ce"]
     assert entry["lr"] == 0.5 and entry["runs"]["0"]["lr"] == 0.5 and entry["test"]["0"] != 0.123456
+
+
+def test_tune_only_and_evolved_rows(fl, tiny_root, tmp_path, monkeypatch):
+    reads: list[str] = []
+    original = fl.load_idx_float
+
+    def counting(name, split, root=None):
+        reads.append(split)
+        return original(name, split, root)
+
+    monkeypatch.setattr(fl, "load_idx_float", counting)
+    out = tmp_path / "out.json"
+    best = tmp_path / "best.json"  # what `npbml evolve` writes: expression and tuned scalars
+    scalars = [3.0] + [1.0] * 5
+    best.write_text(json.dumps({"expression": "mul(-1, mul(y, log(f)))", "scalars": scalars}))
+    base = ["--models", "logistic", "--steps", "4", "--lrs", "0.1", "--val-size", "50"]
+    base += ["--root", str(tiny_root), "--json", str(out)]
+    fl.main([*base, "--losses", "evomal_x", "--evolved", str(best), "--seeds"])  # tune only
+    assert reads == ["train"]  # the test split is not read when no seed is trained
+    entry = json.loads(out.read_text())["results"]["logistic"]["evomal_x"]
+    assert entry["evolved"] == str(best) and set(entry["val_by_lr"]) == {"0.1"}
+    assert entry["test"] == {}
+    # The row's formula is fixed: another one is refused, not mixed into its seeds.
+    with pytest.raises(SystemExit, match="recorded with --evolved"):
+        fl.main([*base, "--losses", "evomal_x", "--evolved", "mul(y, f)", "--seeds", "0"])
+    # A best.json loss carries its scalars: the root's (the first, prefix order) scales it.
+    import torch
+    import torch.nn.functional as F
+
+    z, t = torch.randn(6, 10), torch.arange(6)
+    got = fl.fixed_loss("evomal_x", str(best))(z, t)
+    assert got.item() == pytest.approx(3 * F.cross_entropy(z, t).item(), rel=1e-5)

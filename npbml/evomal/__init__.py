@@ -17,6 +17,7 @@ from npbml.evomal.search import (
     add_evolve_parser,
     class_dataset_data,
     gaussian_mixture,
+    idx_data,
     run_evolve,
     run_search,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "add_evolve_parser",
     "class_dataset_data",
     "gaussian_mixture",
+    "idx_data",
     "load_evolved_loss",
     "loss_inputs",
     "run_evolve",

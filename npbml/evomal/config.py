@@ -25,6 +25,10 @@ from typing import Any
 import yaml
 
 from npbml.config import ConfigError, apply_overrides, build_dataclass
+from tasks.idx import DATASETS, canonical_name
+
+#: Where fitness data can come from (``data.source``).
+DATA_SOURCES = ("gaussian", "taskset", "idx")
 
 
 @dataclass
@@ -88,6 +92,13 @@ class FitnessDataConfig:
     ``source: taskset``: the meta-train split of a registered task distribution
     (``tasks.get_tasksets`` name, e.g. ``omniglot``), split per class into train/validation
     images; ``options`` go to its splits function.
+    ``source: idx``: the official *training* split of an IDX dataset (``name``: ``fashion-mnist``,
+    ``mnist`` or ``kmnist``; :mod:`tasks.idx`, found under ``root`` or the system paths), classes
+    ``0..num_classes-1``, ``train_per_class`` + ``val_per_class`` disjoint seeded images per
+    class, pixels standardised with the fitness-training images' mean and std (the protocol of
+    ``scripts/fmnist_losses.py``). The test split is never read: the search's fitness is measured
+    on a held-out part of the training split (EvoMAL, Raymond et al. TPAMI 2023, sec. 4: fitness
+    on validation data).
     """
 
     source: str = "gaussian"
@@ -97,6 +108,8 @@ class FitnessDataConfig:
     train_per_class: int = 64
     val_per_class: int = 64
     taskset: str | None = None
+    #: The IDX dataset of ``source: idx`` (``fashion-mnist``, ``mnist``, ``kmnist``).
+    name: str | None = None
     root: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -142,17 +155,24 @@ class EvolveConfig:
                 "need 0 <= search.init_min_height <= search.init_max_height <= search.max_height",
             ),
             (0 <= s.elitism < s.population, "search.elitism must be in [0, population)"),
-            (self.data.source in ("gaussian", "taskset"), "data.source: gaussian or taskset"),
+            (
+                self.data.source in DATA_SOURCES,
+                f"data.source must be one of {', '.join(DATA_SOURCES)}",
+            ),
             (self.data.num_classes >= 2, "data.num_classes must be >= 2"),
             (self.tuning.meta_steps >= 0, "tuning.meta_steps must be >= 0"),
             (self.threads >= 1, "threads must be >= 1"),
             (self.fitness.train_steps >= 1, "fitness.train_steps must be >= 1"),
+            (self.data.train_per_class >= 1, "data.train_per_class must be >= 1"),
+            (self.data.val_per_class >= 1, "data.val_per_class must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"invalid EvoMAL config: {msg}")
         if self.data.source == "taskset" and not self.data.taskset:
             raise ConfigError("invalid EvoMAL config: data.source=taskset needs data.taskset: NAME")
+        if self.data.source == "idx":
+            _check_idx(self.data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict; ``EvolveConfig.from_dict(c.to_dict()) == c``."""
@@ -219,6 +239,31 @@ class EvolveConfig:
             if path is None:
                 raise
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_idx(data: FitnessDataConfig) -> None:
+    """``source: idx`` needs a known IDX dataset ``name`` and at most its number of classes.
+
+    Args:
+        data: the ``data`` section.
+
+    Raises:
+        ConfigError: ``name`` is missing or unknown (the message lists the known names), or
+            ``num_classes`` exceeds the dataset's.
+    """
+    if not data.name:
+        raise ConfigError(
+            f"invalid EvoMAL config: data.source=idx needs data.name, one of {sorted(DATASETS)}"
+        )
+    try:
+        key = canonical_name(data.name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid EvoMAL config: data.name: {exc}") from None
+    if data.num_classes > DATASETS[key].num_classes:
+        raise ConfigError(
+            f"invalid EvoMAL config: data.num_classes={data.num_classes} but {key} has "
+            f"{DATASETS[key].num_classes} classes"
+        )
 
 
 def _read(p: Path) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from npbml.evomal.gp import Tokens, random_population, sel_double_tournament, va
 from npbml.evomal.tuning import candidate_loss, init_scalars, make_mlp, sample_batch, tune_scalars
 from npbml.run_dir import RunDir, check_resumable
 from tasks.errors import TaskDataError
+from tasks.idx import load_idx_float
 
 #: Fitness of rejected and non-finite candidates (fitness is an error: lower is better).
 WORST_FITNESS = math.inf
@@ -161,12 +162,74 @@ def class_dataset_data(
     )
 
 
+def idx_data(
+    name: str,
+    num_classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    seed: int = 0,
+    root: str | os.PathLike[str] | None = None,
+) -> FitnessData:
+    """Fitness data from the *training* split of an IDX dataset (MNIST, Fashion-MNIST, KMNIST).
+
+    EvoMAL measures fitness on validation data held out of the training set (Raymond et al.,
+    TPAMI 2023, sec. 4), so the official test split is never read. Classes ``0..num_classes-1``
+    each give ``train_per_class`` training and ``val_per_class`` validation images, disjoint and
+    drawn with a seeded permutation; pixels are standardised with the mean and standard deviation
+    of the fitness-training images (as ``scripts/fmnist_losses.py`` does with its training part).
+
+    Args:
+        name: the IDX dataset (:func:`tasks.idx.canonical_name`: ``fashion-mnist``, ...).
+        num_classes: how many classes, from label 0 up.
+        train_per_class: fitness-training images per class.
+        val_per_class: validation images per class (fitness = error rate on them).
+        seed: the draw of the images.
+        root: where to look first (torchvision's layout or the four files); ``None``: the
+            system paths only.
+
+    Returns:
+        Images ``float32 [N, 1, rows, cols]`` (standardised) and labels ``0..num_classes-1``.
+
+    Raises:
+        ValueError: a class has fewer than ``train_per_class + val_per_class`` images.
+        tasks.errors.TaskDataError: the files are missing or damaged (from :mod:`tasks.idx`).
+    """
+    images, labels = load_idx_float(name, "train", root)
+    need = train_per_class + val_per_class
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels.numpy() == c)
+        if len(members) < need:
+            raise ValueError(
+                f"{name} class {c} has {len(members)} training images but train_per_class + "
+                f"val_per_class = {need}; lower the per-class counts"
+            )
+        chosen = rng.permutation(members)[:need]
+        train_idx.append(chosen[:train_per_class])
+        val_idx.append(chosen[train_per_class:])
+    it, iv = torch.from_numpy(np.concatenate(train_idx)), torch.from_numpy(np.concatenate(val_idx))
+    x_train = images[it]
+    mean, std = x_train.mean(), x_train.std().clamp_min(1e-8)
+    return FitnessData(
+        (x_train - mean) / std, labels[it], (images[iv] - mean) / std, labels[iv], num_classes
+    )
+
+
 def load_fitness_data(cfg: DataConfig, seed: int) -> FitnessData:
     """The fitness data a config asks for (see :class:`~npbml.evomal.config.DataConfig`)."""
     if cfg.source == "gaussian":
         return gaussian_mixture(
             cfg.num_classes, cfg.dim, cfg.train_per_class, cfg.val_per_class, cfg.separation, seed
         )
+    if cfg.source == "idx":
+        assert cfg.name is not None  # validated: source=idx needs data.name
+        try:
+            return idx_data(
+                cfg.name, cfg.num_classes, cfg.train_per_class, cfg.val_per_class, seed, cfg.root
+            )
+        except ValueError as exc:
+            raise ConfigError(f"data (idx {cfg.name!r}): {exc}") from None
     from tasks.benchmarks import get_tasksets
 
     assert cfg.taskset is not None  # validated: source=taskset needs data.taskset
