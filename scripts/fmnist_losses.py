@@ -338,6 +338,7 @@ def run_model(
                 )
                 save()
         entry["lr"] = float(max(entry["val_by_lr"], key=lambda k: entry["val_by_lr"][k]))
+    save()
     if not args.seeds:
         return  # tuning only (`--seeds` with no values): the test split is not read
     test = load_idx_float("fashion-mnist", "test", args.root)  # read once, after all tuning

@@ -146,7 +146,7 @@ def test_tune_only_and_evolved_rows(fl, tiny_root, tmp_path, monkeypatch):
     assert reads == ["train"]  # the test split is not read when no seed is trained
     entry = json.loads(out.read_text())["results"]["logistic"]["evomal_x"]
     assert entry["evolved"] == str(best) and set(entry["val_by_lr"]) == {"0.1"}
-    assert entry["test"] == {}
+    assert entry["test"] == {} and entry["lr"] == 0.1  # the choice is saved too
     # The row's formula is fixed: another one is refused, not mixed into its seeds.
     with pytest.raises(SystemExit, match="recorded with --evolved"):
         fl.main([*base, "--losses", "evomal_x", "--evolved", "mul(y, f)", "--seeds", "0"])
