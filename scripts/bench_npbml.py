@@ -11,15 +11,18 @@ pixels), 5-way 1-shot:
 - ``bench``: the NPBML row of ``scripts/bench_step.py --against learn2learn``: Conv4-64 strided,
   15 queries per class, meta-batch 16, relation network width 64.
 
-Variants: ``maml`` and ``maml-cl`` (MAML channels-last, :mod:`npbml.layout`), ``npbml``. Each
+Variants: ``maml`` and ``maml-cl`` (MAML channels-last, :mod:`npbml.layout`), ``npbml`` (the
+image relation network) and ``npbml-frel`` (the relation network on the backbone's frozen
+features, ``RelationNetwork(reads="features")``: NPBML's cost without a second encoder). Each
 meta-step is ``zero_grad`` + ``learner.meta_backward(batch, workers=1)`` (one thread; NPBML's
 tasks go through its batched inner loop, :mod:`npbml.algorithms.npbml.batched`). Test time is
-``learner.evaluate`` on 4 test-shaped tasks at once, per task (what ``npbml eval`` hands NPBML,
+``learner.evaluate`` on 16 test-shaped tasks at once, per task (what ``npbml eval`` hands NPBML,
 ``NPBML.evaluation_batch``; MAML adapts them one by one either way), and on one task alone.
 Timing: thread CPU time (``time.thread_time``) and wall time of every call, the variants
 interleaved round-robin (order rotated every round) after ``--warmup`` calls each, so that load
 from other jobs hits all alike; the table gives medians and the ratios NPBML / MAML (and against
-the faster MAML layout).
+the faster MAML layout). NPBML runs without its episode cache: the timed calls repeat the same
+episodes, which a test pass never does.
 
 ``--repo DIR`` imports ``npbml`` from another checkout (e.g. a worktree of an older commit), to
 measure "before" and "after" with the same script.
@@ -41,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parents[1]
 MD_START, MD_END = "<!-- bench_npbml:start -->", "<!-- bench_npbml:end -->"
@@ -50,7 +53,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "demo": dict(hidden=32, variant="maxpool", queries=5, test_queries=15, meta_batch=4),
     "bench": dict(hidden=64, variant="strided", queries=15, test_queries=15, meta_batch=16),
 }
-VARIANTS = ("maml", "maml-cl", "npbml")
+VARIANTS = ("maml", "maml-cl", "npbml", "npbml-frel")
+NPBML_VARIANTS = ("npbml", "npbml-frel")
+TEST_GROUP = 16  # NPBML.evaluation_batch: the episodes `npbml eval` hands NPBML at once
 
 
 def _batch(
@@ -85,7 +90,13 @@ def build(variant: str, setting: dict[str, Any], ways: int = 5) -> Any:
     model = Conv4(1, ways, hidden=setting["hidden"], image_size=28, variant=setting["variant"])
     if variant == "npbml":
         relation = RelationNetwork(channels=setting["hidden"], in_channels=1)
-        return NPBML(model, relation_net=relation)
+        return NPBML(model, relation_net=relation, episode_cache=0)
+    if variant == "npbml-frel":
+        blocks = len(model.blocks) - 1  # NPBML's default frozen blocks
+        relation = RelationNetwork(
+            channels=setting["hidden"], reads="features", feature_blocks=blocks
+        )
+        return NPBML(model, relation_net=relation, episode_cache=0)
     return MAML(
         model,
         inner_lr=0.4,
@@ -101,6 +112,41 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.thread_time() - t, time.perf_counter() - w
 
 
+def anil_headroom(s: dict[str, Any], train: Any, rounds: int) -> dict[str, float]:
+    """ANIL's meta-step (5 head-only steps, second order) against its floor: the body's forward
+    and backward on the same support and query images, which no task batching can remove. The
+    gap bounds what batching ANIL's inner loops could save."""
+    import torch
+
+    from npbml.algorithms import ANIL
+    from npbml.models import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(1, 5, hidden=s["hidden"], image_size=28, variant=s["variant"])
+    anil = ANIL(model, inner_lr=0.4, inner_steps=5)
+    tasks = train.unstack()
+
+    def step() -> None:
+        for p in anil.meta_parameters():
+            p.grad = None
+        anil.meta_backward(train, workers=1)
+
+    def floor() -> None:
+        for p in anil.meta_parameters():
+            p.grad = None
+        total = sum(model(t.query_x).sum() + model.features(t.support_x).sum() for t in tasks)
+        cast(torch.Tensor, total).backward()
+
+    step()
+    floor()
+    times: dict[str, list[float]] = {"step": [], "floor": []}
+    for _ in range(rounds):
+        times["step"].append(_timed(step)[0])
+        times["floor"].append(_timed(floor)[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"step_s": med["step"], "floor_s": med["floor"], "ratio": med["step"] / med["floor"]}
+
+
 def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved meta-step and test-time timings of every variant in one setting."""
     import torch
@@ -109,7 +155,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     s = SETTINGS[name]
     train = _batch(torch, Episode, args.ways, s["queries"], s["meta_batch"], 0)
-    test = _batch(torch, Episode, args.ways, s["test_queries"], 4, 1)
+    test = _batch(torch, Episode, args.ways, s["test_queries"], TEST_GROUP, 1)
     one = test.unstack()[0]
     learners = {v: build(v, s, args.ways) for v in VARIANTS}
 
@@ -132,7 +178,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"setting": {"name": name, "ways": args.ways, "shots": 1, **s}}
     phases = (
         ("meta_step", step, 1),
-        ("test_time", evaluate, 4),
+        ("test_time", evaluate, TEST_GROUP),
         ("test_time_single", evaluate_one, 1),
     )
     for kind, make, per in phases:
@@ -153,9 +199,12 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         res = out[kind]
         best = min(res["maml"]["thread_s"], res["maml-cl"]["thread_s"])
-        res["ratio_thread"] = res["npbml"]["thread_s"] / res["maml"]["thread_s"]
-        res["ratio_wall"] = res["npbml"]["wall_s"] / res["maml"]["wall_s"]
-        res["ratio_thread_vs_best_maml"] = res["npbml"]["thread_s"] / best
+        for v in NPBML_VARIANTS:
+            tag = "" if v == "npbml" else "_frel"
+            res[f"ratio_thread{tag}"] = res[v]["thread_s"] / res["maml"]["thread_s"]
+            res[f"ratio_wall{tag}"] = res[v]["wall_s"] / res["maml"]["wall_s"]
+            res[f"ratio_thread_vs_best_maml{tag}"] = res[v]["thread_s"] / best
+    out["anil"] = anil_headroom(s, train, args.steps)
     return out
 
 
@@ -167,23 +216,40 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"Command: `{command}` ({result['date']}, torch {result['torch']}, one thread, "
         f"{result['steps']} interleaved rounds after {result['warmup']} warm-up).",
         "",
-        "| setting | what | MAML ms | MAML-cl ms | NPBML ms | NPBML / MAML (thread) | "
-        "NPBML / faster MAML | NPBML / MAML (wall) |",
-        "|---|---|---|---|---|---|---|---|",
+        "NPBML: the image relation network (Sung et al.'s own encoder); NPBML-f: the relation "
+        "network on the backbone's frozen features. Ratios: thread time against MAML's "
+        "(against the faster MAML layout in brackets).",
+        "",
+        "| setting | what | MAML ms | MAML-cl ms | NPBML ms | NPBML-f ms | NPBML / MAML | "
+        "NPBML-f / MAML | NPBML-f / MAML (wall) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["settings"].items():
         for kind, label in (
             ("meta_step", "meta-step"),
-            ("test_time", "test adaptation per task (4 at once, as `npbml eval`)"),
+            ("test_time", f"test adaptation per task ({TEST_GROUP} at once, as `npbml eval`)"),
             ("test_time_single", "test adaptation, one task alone"),
         ):
             x = r[kind]
+            ms = " | ".join(f"{1e3 * x[v]['thread_s']:.1f}" for v in VARIANTS)
             lines.append(
-                f"| {name} | {label} | {1e3 * x['maml']['thread_s']:.1f} | "
-                f"{1e3 * x['maml-cl']['thread_s']:.1f} | {1e3 * x['npbml']['thread_s']:.1f} | "
-                f"{x['ratio_thread']:.2f}x | {x['ratio_thread_vs_best_maml']:.2f}x | "
-                f"{x['ratio_wall']:.2f}x |"
+                f"| {name} | {label} | {ms} | {x['ratio_thread']:.2f}x "
+                f"({x['ratio_thread_vs_best_maml']:.2f}x) | {x['ratio_thread_frel']:.2f}x "
+                f"({x['ratio_thread_vs_best_maml_frel']:.2f}x) | {x['ratio_wall_frel']:.2f}x |"
             )
+    lines += [
+        "",
+        "ANIL (head-only inner loop, 5 second-order steps) against its floor, the body's forward "
+        "and backward on the same images: task batching could save at most the difference.",
+        "",
+        "| setting | ANIL meta-step ms | floor ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name, r in result["settings"].items():
+        a = r["anil"]
+        lines.append(
+            f"| {name} | {1e3 * a['step_s']:.1f} | {1e3 * a['floor_s']:.1f} | {a['ratio']:.2f}x |"
+        )
     lines += ["", MD_END]
     return "\n".join(lines)
 

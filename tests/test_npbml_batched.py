@@ -209,7 +209,7 @@ def test_evaluate_hands_batches_to_npbml_with_the_same_results():
     from npbml.evaluate import evaluate
 
     batched, per_task = _pair()
-    assert batched.evaluation_batch == 4 and per_task.evaluation_batch == 1
+    assert batched.evaluation_batch == 16 and per_task.evaluation_batch == 1
     calls = []
     original = batched.evaluate
 

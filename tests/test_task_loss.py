@@ -169,3 +169,29 @@ def test_switches_and_errors():
         TaskAdaptiveLoss(N, use_query=False)(logits, targets)
     with pytest.raises(ValueError, match=r"\[batch, 5\]"):
         TaskAdaptiveLoss(N, use_query=False, use_reg=False)(logits[:, :3], targets)
+
+
+def test_one_pass_statistics_of_several_tensors_match_numpy_and_finite_differences():
+    """The several-tensor path (sums of x and x^2 through a segment matrix) against numpy's
+    mean / std / norms per tensor, a constant tensor included, and its gradient against finite
+    differences (gradcheck, float64)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64) * 0.05 + 0.01,
+        torch.full((6,), 0.3, dtype=torch.float64),
+        torch.randn(5, 7, generator=g, dtype=torch.float64),
+    ]
+    for normalize in (False, True):
+        s = weight_statistics(tensors, normalize=normalize, eps=0.0)
+        for row, t in zip(s, tensors):
+            x = t.numpy().ravel()
+            l1, l2 = np.abs(x).sum(), np.linalg.norm(x)
+            if normalize:
+                l1, l2 = l1 / x.size, l2 / np.sqrt(x.size)
+            np.testing.assert_allclose(
+                row.numpy(), [x.mean(), x.std(), l1, l2], rtol=1e-9, atol=1e-12
+            )
+    leaves = [t.clone().requires_grad_() for t in (tensors[0], tensors[2])]
+    assert torch.autograd.gradcheck(
+        lambda a, b: weight_statistics([a, b], normalize=True), tuple(leaves)
+    )

@@ -554,9 +554,10 @@ class NPBML(GradientLearner):
 
     @property
     def evaluation_batch(self) -> int:
-        """How many test episodes :func:`npbml.evaluate.evaluate` hands over at once: 4 with
-        the batched inner loop (the meta-batch of the configs), else 1."""
-        return 4 if self.options.batch_tasks and not self.channels_last else 1
+        """How many test episodes :func:`npbml.evaluate.evaluate` hands over at once: 16 with
+        the batched inner loop, else 1. Per task, 16 at once cost 0.55-0.8x of 4 at once on
+        CPU (docs/benchmarks.md); a test pass holds no graph, so memory is no concern."""
+        return 16 if self.options.batch_tasks and not self.channels_last else 1
 
     def nonfinite_meta_gradients(self) -> list[str]:
         """Names of meta-parameters whose gradient is non-finite (call after backward)."""
