@@ -218,9 +218,9 @@ def test_evaluate_hands_batches_to_npbml_with_the_same_results():
         return original(episode, *a, **kw)
 
     batched.evaluate = spy  # an instance attribute, so only this test's object sees it
-    r_b = evaluate(batched, _Fixed(), 10, per_task=True)
-    r_p = evaluate(per_task, _Fixed(), 10, per_task=True)
-    assert calls == [4, 4, 2]
+    r_b = evaluate(batched, _Fixed(), 34, per_task=True)
+    r_p = evaluate(per_task, _Fixed(), 34, per_task=True)
+    assert calls == [16, 16, 2]
     assert r_b["accuracies"] == r_p["accuracies"]
     assert abs(r_b["max_abs_logit"] - r_p["max_abs_logit"]) <= TOL
     assert r_b["diverged"] == r_p["diverged"] == 0
