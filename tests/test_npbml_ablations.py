@@ -161,3 +161,10 @@ def test_render_rewrites_the_section_from_results_json(run, ab, tmp_path) -> Non
     text = md.read_text()
     assert "Command: `CMD X`" in text and "| init |" in text and "| diverged |" in text
     assert "| init - proto-cosine |" in text
+
+
+def test_relation_features_is_a_row_switch_not_an_npbml_option(ab) -> None:
+    row = "full/relation=features/head_init=proto"
+    assert ab.base_row(row) == "full"
+    assert ab.row_options(row) == ["head_init=proto"]
+    assert ab.reads_features(row) and not ab.reads_features("full/head_init=proto")
