@@ -154,11 +154,13 @@ def pretrain(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
             )
         for j in jobs:
             j.result()
-    feature_relation = out / "relation_features.pt"
+    f_steps = getattr(args, "relation_features_steps", None) or args.relation_steps
+    suffix = "" if f_steps == args.relation_steps else f"_{f_steps}"
+    feature_relation = out / f"relation_features{suffix}.pt"
     if any(reads_features(r) for r in args.rows) and not feature_relation.exists():
         cmd = ["pretrain-relation", "--config", args.config, "--out", str(feature_relation)]
-        cmd += ["--backbone", str(backbone), "--steps", str(args.relation_steps)]
-        cmd += ["--eval-every", str(min(100, args.relation_steps)), "--seed", str(seed)]
+        cmd += ["--backbone", str(backbone), "--steps", str(f_steps)]
+        cmd += ["--eval-every", str(min(100, f_steps)), "--seed", str(seed)]
         npbml(*_with_sets(cmd, data_sets), log=out / "pretrain_relation_features.log")
     return {
         "backbone": str(backbone),
@@ -492,6 +494,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--pretrain-val-episodes", type=int, default=50, help="(50)")
     p.add_argument("--relation-steps", type=int, default=300)
+    p.add_argument(
+        "--relation-features-steps",
+        type=int,
+        default=None,
+        help="pre-training steps of the feature relation network (rows with relation=features; "
+        "default --relation-steps)",
+    )
     p.add_argument("--tasks", type=int, default=600, help="fixed test episodes (600)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (0)")
     p.add_argument("--seed", type=int, default=None, help="one training seed (= --seeds SEED)")
