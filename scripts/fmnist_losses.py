@@ -284,6 +284,61 @@ def ml3_knee(args: argparse.Namespace, data: dict, seed: int, guard: bool) -> di
     return {"seed": seed, "guard": guard, **g, "epochs": epochs}
 
 
+def _gradient_vs_ce(loss_fn: Callable, model: nn.Module, batch: Any) -> tuple[float, float]:
+    """Norm ratio and cosine of ``loss_fn``'s logit gradient to cross-entropy's on ``batch``."""
+    x, y = batch
+    z = model(x).detach().requires_grad_()
+    (g_loss,) = torch.autograd.grad(loss_fn(z, y), z)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(z, y), z)
+    cos = F.cosine_similarity(g_loss.flatten(), g_ce.flatten(), dim=0)
+    return float(g_loss.norm() / g_ce.norm()), float(cos)
+
+
+def trajectory(args: argparse.Namespace, data: dict, loss: str) -> dict[str, Any]:
+    """One run of ``loss`` (``ce``, ``adalfl``, ...; the first ``--models``, lr the first
+    ``--lrs``, at ``--tune-seed``: the tuning run itself, so no test image is read), measured
+    every ``--trajectory-every`` steps: validation accuracy, mean target probability on
+    validation, and the loss's logit gradient against cross-entropy's on the current batch.
+
+    Shows how a loss behaves over a long run (docs/losses.md, LeNet-5 at 10,000 steps); AdaLFL
+    (Raymond et al., 2023) is trained online exactly as in :func:`train_run`."""
+    torch.manual_seed(args.tune_seed)
+    model_name, lr = args.models[0], args.lrs[0]
+    model = make_model(model_name)
+    it = batches(data["train"], args.tune_seed)
+    opt = base_optimizer(args, lr)
+    if loss == "adalfl":
+        learner = AdaLFL(model, LearnedLoss(), base_lr=lr, momentum=opt["momentum"],
+                         nesterov=opt["nesterov"], weight_decay=opt["weight_decay"],
+                         meta_lr=1e-3, guard=False)  # fmt: skip
+        learner.offline_init(offline_pairs(it, args.offline_steps), args.offline_steps)
+        loss_fn: Callable = learner.loss
+        current = next(it)
+    else:
+        loss_fn = fixed_loss(loss, args.evolved)
+        sgd = torch.optim.SGD(model.parameters(), **opt)
+    points = []
+    for k in range(1, args.steps + 1):
+        if loss == "adalfl":
+            following = next(it)
+            learner.step(current, following)
+            current = following
+        else:
+            current = next(it)
+            sgd.zero_grad(set_to_none=True)
+            loss_fn(model(current[0]), current[1]).backward()
+            sgd.step()
+        if k % args.trajectory_every == 0:
+            ratio, cos = _gradient_vs_ce(loss_fn, model, current)
+            with torch.no_grad():
+                p = torch.softmax(model(data["val"][0]), -1)
+            p_t = float(p.gather(1, data["val"][1][:, None]).mean())
+            points.append({"step": k, "val_acc": accuracy(model, data["val"]), "p_t": p_t,
+                           "grad_ratio": ratio, "cosine": cos})  # fmt: skip
+            print(model_name, loss, points[-1], flush=True)
+    return {"model": model_name, "lr": lr, "seed": args.tune_seed, "points": points}
+
+
 def markdown(out: dict[str, Any]) -> str:
     """One table per model: chosen lr, validation accuracy per lr, test mean, paired vs CE."""
     lines: list[str] = []
@@ -388,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--knee-images", type=int, default=6000)
     ap.add_argument("--knee-epochs", type=int, default=10)
     ap.add_argument("--raw-pixels", action="store_true", help="pixels in [0, 1], not standardised")
+    ap.add_argument("--trajectory", nargs="+", help="losses to follow over one run (no test read)")
+    ap.add_argument("--trajectory-every", type=int, default=1000)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.json)
@@ -403,6 +460,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp.replace(path)
 
     data = load_splits(args.root, args.val_size, standardise=not args.raw_pixels)
+    if args.trajectory:
+        runs = out.setdefault("trajectory", {})
+        for loss in args.trajectory:
+            runs[loss] = trajectory(args, data, loss)
+            save()
+        return out
     if args.knee is not None:
         out["knee"] = [ml3_knee(args, data, seed, args.knee_guard) for seed in args.knee]
         save()

@@ -157,3 +157,26 @@ def test_tune_only_and_evolved_rows(fl, tiny_root, tmp_path, monkeypatch):
     z, t = torch.randn(6, 10), torch.arange(6)
     got = fl.fixed_loss("evomal_x", str(best))(z, t)
     assert got.item() == pytest.approx(3 * F.cross_entropy(z, t).item(), rel=1e-5)
+
+
+def test_trajectory_reproduces_the_tuning_run(fl, tiny_root, tmp_path, monkeypatch):
+    reads: list[str] = []
+    original = fl.load_idx_float
+    monkeypatch.setattr(
+        fl, "load_idx_float", lambda n, s, r=None: reads.append(s) or original(n, s, r)
+    )
+    common = ["--models", "logistic", "--lrs", "0.001", "--steps", "6", "--val-size", "50"]
+    common += ["--offline-steps", "2", "--root", str(tiny_root)]
+    out = fl.main([*common, "--trajectory", "ce", "adalfl", "--trajectory-every", "3",
+                   "--json", str(tmp_path / "t.json")])  # fmt: skip
+    assert reads == ["train"]  # no test image is read
+    ce, ada = out["trajectory"]["ce"]["points"], out["trajectory"]["adalfl"]["points"]
+    assert [p["step"] for p in ce] == [3, 6] and [p["step"] for p in ada] == [3, 6]
+    # Cross-entropy against itself: ratio 1, cosine 1.
+    assert all(p["grad_ratio"] == pytest.approx(1) and p["cosine"] == pytest.approx(1) for p in ce)
+    assert all(math.isfinite(p["grad_ratio"]) and -1 <= p["cosine"] <= 1 + 1e-6 for p in ada)
+    # The trajectory is the tuning run itself: the same final validation accuracy.
+    tuned = fl.main([*common, "--losses", "ce", "adalfl", "--seeds",
+                     "--json", str(tmp_path / "r.json")])  # fmt: skip
+    for loss, points in (("ce", ce), ("adalfl", ada)):
+        assert tuned["results"]["logistic"][loss]["val_by_lr"]["0.001"] == points[-1]["val_acc"]
