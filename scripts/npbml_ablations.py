@@ -269,6 +269,9 @@ def trained_row(
 
     name = "maml" if row == "maml" else row.replace(":", "_").replace("+", "plus_")
     name = name.replace(OPTION_SEP, "__").replace("=", "-")
+    relation = pre["relation_features"] if reads_features(row) else pre["relation"]
+    if reads_features(row) and Path(relation).stem != "relation_features":
+        name += Path(relation).stem.removeprefix("relation_features")  # e.g. "_1000" steps
     run, log = out / name, out / f"{name}.log"
     sets = [
         f"train.meta_steps={args.meta_steps}",
@@ -282,7 +285,6 @@ def trained_row(
         sets += [f"algorithm.options.ablation={base_row(row)}"]
         sets += [f"algorithm.options.{kv}" for kv in row_options(row)]
         sets += [f"algorithm.options.backbone_checkpoint={Path(pre['backbone']).resolve()}"]
-        relation = pre["relation_features"] if reads_features(row) else pre["relation"]
         if relation:
             sets += [f"algorithm.options.relation_checkpoint={Path(relation).resolve()}"]
     config = args.maml_config if row == "maml" else args.config
