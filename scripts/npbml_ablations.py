@@ -76,6 +76,14 @@ def row_options(row: str) -> list[str]:
     return [kv for kv in row.split(OPTION_SEP)[1:] if kv != FEATURE_RELATION]
 
 
+def _feature_relation_text(args: argparse.Namespace) -> str:
+    """The feature relation network's recipe, for a run with ``relation=features`` rows."""
+    if not any(reads_features(r) for r in args.rows):
+        return ""
+    steps = getattr(args, "relation_features_steps", None) or args.relation_steps
+    return f", on the backbone's frozen features (relation=features rows) {steps} steps"
+
+
 def reads_features(row: str) -> bool:
     """Whether a row uses the relation network on the backbone's frozen features."""
     return FEATURE_RELATION in row.split(OPTION_SEP)[1:]
@@ -399,8 +407,9 @@ def markdown(
         "background_small2 characters not in small1, for every row and seed. Accuracy: mean "
         "over seeds and episodes +- 95% interval over the seed-averaged per-episode accuracies "
         "(1.96 s / sqrt(n)); per-seed means after it. Backbone (per seed, shared by the NPBML and "
-        f"proto rows): {pre['recipe']}; relation network {pre['relation_steps']} steps. proto: "
-        "nearest prototype on that backbone, no meta-learning.",
+        f"proto rows): {pre['recipe']}; relation network {pre['relation_steps']} steps"
+        f"{_feature_relation_text(args)}. proto: nearest prototype on that backbone, no "
+        "meta-learning.",
         "",
         "| row | test acc. (%) | 95% CI | per seed (%) | best val (%) | train (s) | diverged |"
         + "".join(f" vs {r} (pp) |" for r in refs)
