@@ -321,53 +321,74 @@ def markdown(result: dict[str, Any], command: str) -> str:
                 f"({x['ratio_thread_vs_best_maml']:.2f}x) | {x['ratio_thread_frel']:.2f}x "
                 f"({x['ratio_thread_vs_best_maml_frel']:.2f}x) | {x['ratio_wall_frel']:.2f}x |"
             )
-    lines += [
-        "",
+    settings = result["settings"].items()
+    lines += _table(
         "ANIL (head-only inner loop, 5 second-order steps) against its floor, the body's forward "
         "and backward on the same images: task batching could save at most the difference.",
-        "",
-        "| setting | ANIL meta-step ms | floor ms | ratio |",
-        "|---|---|---|---|",
-    ]
-    for name, r in result["settings"].items():
-        a = r["anil"]
-        lines.append(
-            f"| {name} | {1e3 * a['step_s']:.1f} | {1e3 * a['floor_s']:.1f} | {a['ratio']:.2f}x |"
-        )
-    lines += [
-        "",
+        ["setting", "ANIL meta-step ms", "floor ms", "ratio"],
+        [
+            [n, f"{1e3 * a['step_s']:.1f}", f"{1e3 * a['floor_s']:.1f}", f"{a['ratio']:.2f}x"]
+            for n, a in ((n, r["anil"]) for n, r in settings)
+        ],
+    )
+    lines += _table(
         "NPBML's test-time floor (relation on features): per task, the frozen blocks on [S; Q] "
         "and on Q alone plus the relation scores, no grad; MAML's query forward; both whole "
         "test adaptations (16 tasks at once).",
-        "",
-        "| setting | NPBML floor ms | NPBML test ms | MAML query forward ms | MAML test ms | "
-        "floor / MAML test |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in result["settings"].items():
-        f = r["test_floor"]
-        lines.append(
-            f"| {name} | {1e3 * f['npbml_floor_s']:.1f} | {1e3 * f['npbml_test_s']:.1f} | "
-            f"{1e3 * f['maml_query_forward_s']:.1f} | {1e3 * f['maml_test_s']:.1f} | "
-            f"{f['npbml_floor_s'] / f['maml_test_s']:.2f}x |"
-        )
-    lines += [
-        "",
+        [
+            "setting",
+            "NPBML floor ms",
+            "NPBML test ms",
+            "MAML query forward ms",
+            "MAML test ms",
+            "floor / MAML test",
+        ],
+        [
+            [
+                n,
+                *(
+                    f"{1e3 * f[k]:.1f}"
+                    for k in (
+                        "npbml_floor_s",
+                        "npbml_test_s",
+                        "maml_query_forward_s",
+                        "maml_test_s",
+                    )
+                ),
+                f"{f['npbml_floor_s'] / f['maml_test_s']:.2f}x",
+            ]
+            for n, f in ((n, r["test_floor"]) for n, r in settings)
+        ],
+    )
+    lines += _table(
         "The feature-relation NPBML meta-step by phase (thread ms; the inner loop's forward "
         "includes the episode work) and the aten operations of one meta-step.",
-        "",
-        "| setting | episode work | 5-step loop forward | whole step | aten ops NPBML-f | "
-        "aten ops MAML |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in result["settings"].items():
-        ph = r["phases"]
-        lines.append(
-            f"| {name} | {1e3 * ph['episode_work_s']:.0f} | {1e3 * ph['inner_forward_s']:.0f} | "
-            f"{1e3 * ph['step_s']:.0f} | {ph['aten_ops_npbml-frel']} | {ph['aten_ops_maml']} |"
-        )
+        [
+            "setting",
+            "episode work",
+            "5-step loop forward",
+            "whole step",
+            "aten ops NPBML-f",
+            "aten ops MAML",
+        ],
+        [
+            [
+                n,
+                *(f"{1e3 * ph[k]:.0f}" for k in ("episode_work_s", "inner_forward_s", "step_s")),
+                str(ph["aten_ops_npbml-frel"]),
+                str(ph["aten_ops_maml"]),
+            ]
+            for n, ph in ((n, r["phases"]) for n, r in settings)
+        ],
+    )
     lines += ["", MD_END]
     return "\n".join(lines)
+
+
+def _table(caption: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A captioned Markdown table, preceded by a blank line."""
+    out = ["", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def update_markdown(path: Path, section: str) -> None:

@@ -122,6 +122,20 @@ def write_image_folder(
     return out
 
 
+def write_split_folders(root: Path, seed: int = 0) -> None:
+    """``root/{train,val,test}/<class>/<i>.png``: 4 / 3 / 3 classes of four 16x16 grayscale
+    images each, a fixed pattern per class plus noise (a tiny ``data.name: folder`` dataset)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 4), ("val", 3), ("test", 3)):
+        for c in range(n):
+            d = root / split / f"{split}{c}"
+            d.mkdir(parents=True)
+            proto = rng.integers(0, 256, (16, 16))
+            for i in range(4):
+                img = np.clip(proto + rng.normal(0, 30, (16, 16)), 0, 255).astype(np.uint8)
+                Image.fromarray(img, mode="L").save(d / f"{i}.png")
+
+
 CIFAR_FS_CLASSES = {
     "train": ["apple", "aquarium_fish", "bear", "bee", "beetle", "bicycle"],
     "validation": ["otter", "pine_tree", "plain", "plate", "poppy", "porcupine"],

@@ -56,7 +56,8 @@ def test_paired_differences_and_student_t_interval(fl):
     assert fl.paired({"ce": {"test": {"0": 0.8}}, "x": {"test": {"0": 0.9}}}, "x") is None
 
 
-def test_protocol_end_to_end_reads_the_test_split_once(fl, tiny_root, tmp_path, monkeypatch):
+def _count_reads(fl, monkeypatch) -> list[str]:
+    """The splits the script loads, in order (``load_idx_float`` wrapped to record them)."""
     reads: list[str] = []
     original = fl.load_idx_float
 
@@ -65,6 +66,11 @@ def test_protocol_end_to_end_reads_the_test_split_once(fl, tiny_root, tmp_path, 
         return original(name, split, root)
 
     monkeypatch.setattr(fl, "load_idx_float", counting)
+    return reads
+
+
+def test_protocol_end_to_end_reads_the_test_split_once(fl, tiny_root, tmp_path, monkeypatch):
+    reads = _count_reads(fl, monkeypatch)
     out = tmp_path / "out.json"
     args = ["--models", "logistic", "--losses", "ce", "sparse_lsr", "adalfl_guarded", "ml3"]
     args += ["--seeds", "0", "1", "--lrs", "0.01", "0.1", "--steps", "6", "--offline-steps", "2"]
@@ -128,14 +134,7 @@ def test_a_widened_grid_that_changes_the_lr_reruns_the_seeds(fl, tiny_root, tmp_
 
 
 def test_tune_only_and_evolved_rows(fl, tiny_root, tmp_path, monkeypatch):
-    reads: list[str] = []
-    original = fl.load_idx_float
-
-    def counting(name, split, root=None):
-        reads.append(split)
-        return original(name, split, root)
-
-    monkeypatch.setattr(fl, "load_idx_float", counting)
+    reads = _count_reads(fl, monkeypatch)
     out = tmp_path / "out.json"
     best = tmp_path / "best.json"  # what `npbml evolve` writes: expression and tuned scalars
     scalars = [3.0] + [1.0] * 5

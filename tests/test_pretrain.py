@@ -3,6 +3,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from fixtures_formats import write_split_folders
 from torch import nn
 
 from npbml.algorithms.npbml import NPBML, build_npbml
@@ -123,22 +124,8 @@ def test_relation_pretraining_roundtrip(tmp_path):
         load_relation(save_backbone(Conv4(hidden=4, image_size=16), tmp_path / "b.pt", "conv4", {}))
 
 
-def _write_folder(root, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", 4), ("val", 3), ("test", 3)):
-        for c in range(n):
-            d = root / split / f"{split}{c}"
-            d.mkdir(parents=True)
-            proto = rng.integers(0, 256, (16, 16))
-            for i in range(4):
-                img = np.clip(proto + rng.normal(0, 30, (16, 16)), 0, 255).astype(np.uint8)
-                Image.fromarray(img, mode="L").save(d / f"{i}.png")
-
-
 def test_cli_functions(tmp_path, capsys):
-    _write_folder(tmp_path / "data")
+    write_split_folders(tmp_path / "data")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"data: {{name: folder, root: '{tmp_path / 'data'}', ways: 3, shots: 1, queries: 2,\n"

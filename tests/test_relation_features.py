@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from fixtures_formats import write_split_folders
 
 from npbml.algorithms.npbml import NPBML, build_npbml
 from npbml.cli.pretrain import (
@@ -112,22 +113,8 @@ def test_feature_relation_pretraining_keeps_the_backbone_and_roundtrips(tmp_path
         backbone_features(model, 5)
 
 
-def _folder(root):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 3), ("test", 3)):
-        for c in range(n):
-            d = root / split / f"{split}{c}"
-            d.mkdir(parents=True)
-            proto = rng.integers(0, 256, (16, 16))
-            for i in range(4):
-                img = np.clip(proto + rng.normal(0, 30, (16, 16)), 0, 255).astype(np.uint8)
-                Image.fromarray(img, mode="L").save(d / f"{i}.png")
-
-
 def test_cli_pretrains_a_feature_relation_that_npbml_loads(tmp_path):
-    _folder(tmp_path / "data")
+    write_split_folders(tmp_path / "data")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"data: {{name: folder, root: '{tmp_path / 'data'}', ways: 3, shots: 1, queries: 2,\n"
