@@ -215,7 +215,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "## NPBML vs MAML at mini-ImageNet size, GPU and CPU (issue 13)",
         "",
         f"Command: `{command}` ({result['date']}, torch {result['torch']}, "
-        f"{result['gpu'] or 'no GPU'}; CPU rows with {result['cpu_threads']} threads). "
+        f"{result['gpu'] or 'no GPU'}; CPU rows with {_threads(result['cpu_threads'])}). "
         "84x84x3, 5-way 1-shot, 15 queries, meta-batch "
         f"{result['meta_batch']}; test time per task, {result['test_group']} tasks at once; "
         "peak = `torch.cuda.max_memory_allocated`.",
@@ -248,6 +248,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
     lines += ["", MD_END]
     return "\n".join(lines)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
 
 
 def _mib(r: dict[str, Any]) -> str:
