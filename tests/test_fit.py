@@ -293,11 +293,35 @@ def test_shipped_fit_configs_load():
 @pytest.mark.parametrize("name", sorted(__import__("reference_runs").FIT_LOSSES))
 def test_fit_matches_the_recorded_run_of_the_previous_code(tmp_path, name):
     # Recorded from fit() before the updater/run-directory refactor: every loss kind and update
-    # rule (plain optimizer, AdaLFL with each meta batch, ML3 offline) must give the same numbers.
-    from reference_runs import REFERENCE, fit_outputs
+    # rule (plain optimizer, AdaLFL with each meta batch, ML3 offline) must give the same numbers
+    # (to rounding: see reference_runs.assert_matches_recording).
+    from reference_runs import REFERENCE, assert_matches_recording, fit_outputs
 
     recorded = json.loads(REFERENCE.read_text())["fit"][name]
-    assert json.loads(json.dumps(fit_outputs(tmp_path, name))) == recorded
+    assert_matches_recording(json.loads(json.dumps(fit_outputs(tmp_path, name))), recorded)
+
+
+def test_the_recording_comparison_fails_on_a_change_of_the_math():
+    """The tolerance lets rounding through (1e-7 relative) but not a real change (1e-3), nor a
+    changed integer, a missing key or a NaN; a conv bias before BN is skipped as noise."""
+    from reference_runs import assert_matches_recording
+
+    recorded = {"step": 8, "loss": 2.1821355, "params": {"a.weight": 0.75, "b.conv.bias": 0.02}}
+    close = {
+        "step": 8,
+        "loss": 2.1821355 * (1 + 1e-7),
+        "params": {"a.weight": 0.75, "b.conv.bias": -0.01},
+    }
+    assert_matches_recording(close, recorded)
+    for wrong in (
+        {**close, "loss": 2.1821355 * (1 + 1e-3)},
+        {**close, "loss": float("nan")},
+        {**close, "step": 9},
+        {**close, "params": {"a.weight": 0.7501, "b.conv.bias": 0.02}},
+        {"step": 8, "loss": 2.1821355},
+    ):
+        with pytest.raises(AssertionError):
+            assert_matches_recording(wrong, recorded)
 
 
 def test_build_loss_builds_every_fit_loss_for_its_task(tmp_path):
