@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from npbml.unfold import Unfolded, can_unfold, unfolded_conv
+
 if TYPE_CHECKING:
     from npbml.models import ConvBlock, ResidualBlock
 
@@ -125,6 +127,8 @@ _FILM_FORWARDS: dict[type, BlockForward] = {}
 #: ``type -> (f, points)``: the variant with one FiLM per conv (``points`` of them, each with its
 #: own gamma/beta), the reference code's placement for residual blocks.
 _FILM_PER_CONV: dict[type, tuple[BlockForward, int]] = {}
+#: ``type -> f(block, x, modulate)`` accepting an :class:`~npbml.unfold.Unfolded` ``x``.
+_UNFOLDABLE: dict[type, Callable[..., torch.Tensor]] = {}
 
 
 def register_film_forward(block_type: type, fn: BlockForward) -> None:
@@ -150,10 +154,14 @@ def _sequential_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -
     return x
 
 
-def _conv_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
-    # npbml.models.ConvBlock: conv -> BN -> [FiLM] -> ReLU -> pool
+def _conv_block_forward(
+    block: nn.Module, x: torch.Tensor | Unfolded, modulate: Modulate
+) -> torch.Tensor:
+    # npbml.models.ConvBlock: conv -> BN -> [FiLM] -> ReLU -> pool; the conv from the patches when
+    # the input comes unfolded (npbml.unfold)
     b = cast("ConvBlock", block)  # registered for ConvBlock (looked up by exact type)
-    return b.pool(b.relu(modulate(b.bn(b.conv(x)))))
+    z = unfolded_conv(b.conv, x) if isinstance(x, Unfolded) else b.conv(x)
+    return b.pool(b.relu(modulate(b.bn(z))))
 
 
 def _residual_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:
@@ -188,6 +196,40 @@ def _register_defaults() -> None:
         register_film_forward(ConvBlock, _conv_block_forward)
         register_film_forward(ResidualBlock, _residual_block_forward)
         _FILM_PER_CONV[ResidualBlock] = (_residual_per_conv_forward, 3)
+        _UNFOLDABLE[ConvBlock] = _conv_block_forward
+
+
+def unfoldable_conv(block: nn.Module) -> nn.Conv2d | None:
+    """The convolution that reads ``block``'s input when the block can run from an
+    :class:`~npbml.unfold.Unfolded` input (:func:`unfolded_block_forward`,
+    :func:`film_block_forward`): ``npbml.models.ConvBlock``'s conv, if
+    :func:`~npbml.unfold.can_unfold`; None for any other block."""
+    _register_defaults()
+    if type(block) not in _UNFOLDABLE:
+        return None
+    conv = getattr(block, "conv", None)
+    return conv if isinstance(conv, nn.Conv2d) and can_unfold(conv) else None
+
+
+def unfolded_block_forward(block: nn.Module, x: Unfolded) -> torch.Tensor:
+    """``block(x.x)`` from the patches of its first convolution (no FiLM); ``block`` must have
+    an :func:`unfoldable_conv`."""
+    return _unfolded_forward_for(block)(block, x, _identity)
+
+
+def _unfolded_forward_for(block: nn.Module) -> Callable[..., torch.Tensor]:
+    _register_defaults()
+    fn = _UNFOLDABLE.get(type(block))
+    if fn is None:
+        raise TypeError(
+            f"a {type(block).__name__} cannot run from an Unfolded input (only "
+            f"{sorted(t.__name__ for t in _UNFOLDABLE)}); pass the activation itself"
+        )
+    return fn
+
+
+def _identity(h: torch.Tensor, k: int = 0) -> torch.Tensor:
+    return h
 
 
 def _film_forward_for(block: nn.Module) -> BlockForward | None:
@@ -261,11 +303,15 @@ class FiLMBlock(nn.Module):
         return film_block_forward(self.block, self.generator, x)
 
 
-def film_block_forward(block: nn.Module, generator: FiLMGenerator, x: torch.Tensor) -> torch.Tensor:
+def film_block_forward(
+    block: nn.Module, generator: FiLMGenerator, x: torch.Tensor | Unfolded
+) -> torch.Tensor:
     """Run ``block`` on ``x`` with FiLM from ``generator`` (context: pooled ``x``), placed as
     described in :class:`FiLMBlock`. The functional core of FiLMBlock, for composite networks
-    that keep blocks and generators in separate containers."""
-    gamma, beta = generator(global_context(x))
+    that keep blocks and generators in separate containers. ``x`` may come
+    :class:`~npbml.unfold.Unfolded` for a block with an :func:`unfoldable_conv`."""
+    raw = x.x if isinstance(x, Unfolded) else x
+    gamma, beta = generator(global_context(raw))
     width = gamma.shape[-1]
 
     def modulate(h: torch.Tensor, k: int = 0) -> torch.Tensor:
@@ -274,6 +320,8 @@ def film_block_forward(block: nn.Module, generator: FiLMGenerator, x: torch.Tens
             return film(h, gamma, beta)
         return film(h, gamma[..., k * c : (k + 1) * c], beta[..., k * c : (k + 1) * c])
 
+    if isinstance(x, Unfolded):
+        return _unfolded_forward_for(block)(block, x, modulate)
     fn = _film_forward_for(block)
     per_conv = _FILM_PER_CONV.get(type(block))
     if per_conv is not None and width == per_conv[1] * block_channels(block)[1]:

@@ -18,6 +18,7 @@ from npbml.algorithms.npbml.batched import batchable
 from npbml.models import Conv4
 from npbml.relation import RelationNetwork, _pairs
 from npbml.task_loss import _tensor_statistics, one_hot, weight_statistics
+from npbml.unfold import Unfolded
 from tasks.episode import Episode
 
 WAYS = 5
@@ -41,12 +42,12 @@ def _batch(n: int = 3, seed: int = 0) -> Episode:
     return Episode.stack([_task(seed + i) for i in range(n)])
 
 
-def _pair(**kw) -> tuple[NPBML, NPBML]:
+def _pair(variant: str = "maxpool", **kw) -> tuple[NPBML, NPBML]:
     """The same learner twice (equal weights): batched and task by task, float64."""
     out = []
     for batch_tasks in (True, False):
         torch.manual_seed(0)
-        model = Conv4(hidden=4, image_size=16, num_classes=WAYS)
+        model = Conv4(hidden=4, image_size=16, num_classes=WAYS, variant=variant)
         torch.manual_seed(1)
         rel = RelationNetwork(channels=4, in_channels=1)
         learner = NPBML(
@@ -102,6 +103,22 @@ def test_batched_meta_gradient_equals_per_task(kw):
     assert m_b["inner_clipped"] == m_p["inner_clipped"]
     if "inner_max_grad_norm" in kw:
         assert m_b["inner_clipped"] == 1.0
+
+
+@pytest.mark.parametrize("kw", [{}, {"head_init": "proto"}], ids=["default", "proto"])
+def test_batched_equals_per_task_with_the_adapted_input_unfolded(kw):
+    """Conv4 strided: the adapted conv reads once-unfolded patches (npbml.unfold) on both
+    paths; the batched one stacks them per task."""
+    batched, per_task = _pair(variant="strided", **kw)
+    batch = _batch()
+    task = batch.unstack()[0]
+    inputs = batched.inner_inputs(task.support_x, "second", task.support_y, task.query_x)
+    assert isinstance(inputs[0], Unfolded)
+    g_b, m_b = _meta_grads(batched, batch)
+    g_p, m_p = _meta_grads(per_task, batch)
+    _assert_close(g_b, g_p)
+    e_b, e_p = batched.evaluate(batch), per_task.evaluate(batch)
+    assert max(abs(a - b) for a, b in zip(e_b["losses"], e_p["losses"])) <= TOL
 
 
 def test_batched_outer_loss_and_threads_equal_per_task():

@@ -30,6 +30,7 @@ import torch
 from torch.func import grad, vmap
 
 from npbml.params import Params
+from npbml.unfold import Unfolded
 from tasks.episode import Episode
 
 __all__ = ["BatchableLearner", "batchable", "batched_query_logits"]
@@ -50,7 +51,7 @@ class BatchableLearner(Protocol):
         query_x: torch.Tensor | None = ...,
     ) -> Any: ...
 
-    def query_features(self, x: torch.Tensor) -> torch.Tensor: ...
+    def query_features(self, x: torch.Tensor) -> torch.Tensor | Unfolded: ...
 
     def task_initial_params(self, inputs: Any, support_y: torch.Tensor) -> Params: ...
 
@@ -64,16 +65,16 @@ class BatchableLearner(Protocol):
         query_x: torch.Tensor | None,
     ) -> torch.Tensor: ...
 
-    def forward_from(self, h: torch.Tensor, params: Params | None, start: int) -> torch.Tensor: ...
+    def forward_from(
+        self, h: torch.Tensor | Unfolded, params: Params | None, start: int
+    ) -> torch.Tensor: ...
 
 
 def batchable(tasks: Sequence[Episode]) -> bool:
     """True when every task has the shapes of the first (vmap needs one shape per input)."""
     first = tasks[0]
     shapes = (first.support_x.shape, first.support_y.shape, first.query_x.shape)
-    return all(
-        (t.support_x.shape, t.support_y.shape, t.query_x.shape) == shapes for t in tasks[1:]
-    )
+    return all((t.support_x.shape, t.support_y.shape, t.query_x.shape) == shapes for t in tasks[1:])
 
 
 def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Tensor]:
@@ -86,11 +87,16 @@ def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Ten
     finite = torch.isfinite(norm)
     over = norm > max_norm
     scale = torch.where(over, max_norm / norm, torch.ones_like(norm))
-    out = {
-        n: torch.where(finite, g * scale, torch.zeros_like(g)) for n, g in grads.items()
-    }
+    out = {n: torch.where(finite, g * scale, torch.zeros_like(g)) for n, g in grads.items()}
     acted = (over | ~finite).to(some.dtype)
     return out, acted
+
+
+def _stack(items: Sequence[Any]) -> Any:
+    """Stack per-task tensors, or per-task :class:`~npbml.unfold.Unfolded` field by field."""
+    if isinstance(items[0], Unfolded):
+        return Unfolded(*(torch.stack(list(f)) for f in zip(*items)))
+    return torch.stack(list(items))
 
 
 def batched_query_logits(
@@ -99,32 +105,34 @@ def batched_query_logits(
     """Adapted query logits of every task, ``[B, Q, N]``, and the safeguard's count of acted
     steps per task ``[B]``; ``mode`` as :meth:`GradientLearner._adapt` (``"second"``,
     ``"first"`` or ``"none"``). Never sees query labels."""
-    per_task = [
-        learner.inner_inputs(t.support_x, mode, t.support_y, t.query_x) for t in tasks
-    ]
+    per_task = [learner.inner_inputs(t.support_x, mode, t.support_y, t.query_x) for t in tasks]
     n_s, joint = per_task[0][2], per_task[0][3]
-    h0 = torch.stack([p[0] for p in per_task])
+    h0 = _stack([p[0] for p in per_task])
     relation = [p[1] for p in per_task if p[1] is not None]
     scores = torch.stack(relation) if relation else None
-    qh = torch.stack([learner.query_features(t.query_x) for t in tasks])
+    qh = _stack([learner.query_features(t.query_x) for t in tasks])
     sy = torch.stack([t.support_y for t in tasks])
     opt = learner.inner_optimizer
     track = mode != "none"
     second = mode == "second"
 
     def one_task(
-        h: torch.Tensor, r: torch.Tensor | None, y: torch.Tensor, q: torch.Tensor
+        h: torch.Tensor | Unfolded,
+        r: torch.Tensor | None,
+        y: torch.Tensor,
+        q: torch.Tensor | Unfolded,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs: Any = (h, r, n_s, joint)
+        raw = h.x if isinstance(h, Unfolded) else h
         params = learner.task_initial_params(inputs, y)
         if not track:
             params = {n: p.detach() for n, p in params.items()}
         state = opt.init(params)
-        acted = h.new_zeros(())
+        acted = next(iter(params.values())).new_zeros(())
         for j in range(steps):
 
             def objective(p: Params, j: int = j) -> torch.Tensor:
-                return learner.inner_objective(p, inputs, y, j, h, None)
+                return learner.inner_objective(p, inputs, y, j, raw, None)
 
             p_in = params if second else {n: p.detach() for n, p in params.items()}
             g = grad(objective)(p_in)

@@ -52,12 +52,20 @@ from npbml.algorithms.npbml.cache import EpisodeCache
 from npbml.algorithms.npbml.network import NPBMLNetwork, adapt_and_freeze, block_frozen
 from npbml.algorithms.npbml.options import NPBMLOptions
 from npbml.algorithms.task_parallel import parallel_task_gradients
+from npbml.film import unfoldable_conv
 from npbml.layout import run_channels_last
 from npbml.params import Params, named_params, split_params
 from npbml.task_loss import TaskAdaptiveLoss, one_hot
+from npbml.unfold import Unfolded, unfold_input
 from tasks.episode import Episode
 
+#: Largest ratio (patch elements / activation elements) at which the first adapted conv's input
+#: is unfolded once per episode (:meth:`NPBML.unfold_adapted_input`): 2.25 for a 3x3 stride-2
+#: conv, 9 for stride 1. Measured in docs/benchmarks.md (issue 13).
+UNFOLD_MAX_GROWTH = 4.0
+
 __all__ = ["NPBML", "nonfinite_gradients"]
+
 
 def nonfinite_gradients(module: nn.Module) -> list[str]:
     """Names of parameters whose ``.grad`` holds a NaN or infinity (empty: all finite).
@@ -151,6 +159,8 @@ class NPBML(GradientLearner):
         self.frozen_prefix = self._count_frozen_prefix()
         self._check_relation_reads()
         self.episode_cache = EpisodeCache(opts.episode_cache)
+        #: :meth:`unfold_adapted_input`'s limit; 0 never unfolds (the same math either way).
+        self.unfold_max_growth = UNFOLD_MAX_GROWTH
 
     # ----------------------------------------------------------------- structure
     @property
@@ -261,7 +271,9 @@ class NPBML(GradientLearner):
             return self.forward_from(self.query_features(x), params, self.frozen_prefix)
         return self.run_module(self.network, self._with_head(params), x)
 
-    def forward_from(self, h: torch.Tensor, params: Params | None, start: int) -> torch.Tensor:
+    def forward_from(
+        self, h: torch.Tensor | Unfolded, params: Params | None, start: int
+    ) -> torch.Tensor:
         """Logits from the input ``h`` of block ``start`` (e.g. precomputed frozen features)."""
         return self.run_module(self.network, self._with_head(params), h, start=start)
 
@@ -282,15 +294,34 @@ class NPBML(GradientLearner):
         h = run_channels_last(self.network, None, x, 0, self.frozen_prefix, method="run_blocks")
         return h.contiguous()
 
-    def query_features(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`frozen_features` of the final query forward; from :attr:`episode_cache` when
-        no gradient is being recorded (test time), as the same queries come back at every
-        validation."""
+    def query_features(self, x: torch.Tensor) -> torch.Tensor | Unfolded:
+        """:meth:`frozen_features` of the final query forward, unfolded where that pays
+        (:meth:`unfold_adapted_input`); from :attr:`episode_cache` when no gradient is being
+        recorded (test time), as the same queries come back at every validation."""
         if torch.is_grad_enabled():
-            return self.frozen_features(x)
+            return self.unfold_adapted_input(self.frozen_features(x))
         return self.episode_cache.get(
-            "query", (x,), self._frozen_tensors(), lambda: self.frozen_features(x)
+            "query",
+            (x,),
+            self._frozen_tensors(),
+            lambda: self.unfold_adapted_input(self.frozen_features(x)),
         )
+
+    def unfold_adapted_input(self, h: torch.Tensor) -> torch.Tensor | Unfolded:
+        """``h``, the input of the first adapted block, with its patches for the block's first
+        convolution (:mod:`npbml.unfold`) where that pays: the block has one
+        (:func:`~npbml.film.unfoldable_conv`), on CPU, NCHW, and the patches are at most
+        :attr:`unfold_max_growth` times the size of ``h``. ``h`` is fixed through the inner loop, so
+        it is unfolded once per episode instead of at every step (issue 13)."""
+        if self.channels_last or h.device.type != "cpu" or self.frozen_prefix == 0:
+            return h
+        if self.frozen_prefix >= len(self.network.blocks):
+            return h
+        conv = unfoldable_conv(self.network.blocks[self.frozen_prefix])
+        if conv is None or h.dim() != 4:
+            return h
+        growth = conv.kernel_size[0] * conv.kernel_size[1] / (conv.stride[0] * conv.stride[1])
+        return unfold_input(conv, h) if growth <= self.unfold_max_growth else h
 
     def _frozen_tensors(self) -> list[torch.Tensor]:
         """Every tensor the episode-level work reads: the frozen leading blocks (with their FiLM
@@ -355,7 +386,7 @@ class NPBML(GradientLearner):
         mode: str,
         support_y: torch.Tensor | None = None,
         query_x: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+    ) -> tuple[torch.Tensor | Unfolded, torch.Tensor | None, int, bool]:
         """Once per task: frozen-block features of ``[S_x; Q_x]`` (BN statistics over both; no
         graph), the frozen relation network's query scores, the support size and whether the
         forward is joint."""
@@ -374,7 +405,7 @@ class NPBML(GradientLearner):
         support_x: torch.Tensor,
         support_y: torch.Tensor | None,
         query_x: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+    ) -> tuple[torch.Tensor | Unfolded, torch.Tensor | None, int, bool]:
         loss_fn = self.task_loss_fn
         needs_query = loss_fn is not None and loss_fn.needs_query
         joint = query_x is not None and (self.joint_forward or needs_query)
@@ -384,7 +415,7 @@ class NPBML(GradientLearner):
         if needs_query:
             assert support_y is not None and query_x is not None
             scores = self.relation_scores(support_x, support_y, query_x, h if joint else None)
-        return h, scores, support_x.shape[0], joint
+        return self.unfold_adapted_input(h), scores, support_x.shape[0], joint
 
     def inner_objective(
         self,
@@ -419,7 +450,7 @@ class NPBML(GradientLearner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query CE after adaptation; the final prediction runs on ``Q_x`` alone."""
         fast = self.adapt_task(task, mode)
-        logits = self.forward_from(self.frozen_features(task.query_x), fast, self.frozen_prefix)
+        logits = self.forward_from(self.query_features(task.query_x), fast, self.frozen_prefix)
         return F.cross_entropy(logits, task.query_y), logits
 
     def batches(self, tasks: list[Episode]) -> bool:
@@ -546,9 +577,7 @@ class NPBML(GradientLearner):
             "losses": [float(v) for v in losses],
             "accuracies": accs,
             "max_abs_logit": peak,
-            "max_abs_logits": [
-                float(v) if bool(torch.isfinite(v)) else math.inf for v in peaks
-            ],
+            "max_abs_logits": [float(v) if bool(torch.isfinite(v)) else math.inf for v in peaks],
         }
         return self._add_clip_metric(metrics, [self.pop_inner_counts()])
 

@@ -11,8 +11,15 @@ from typing import cast
 import torch
 from torch import nn
 
-from npbml.film import FiLMGenerator, block_channels, film_block_forward, film_points
+from npbml.film import (
+    FiLMGenerator,
+    block_channels,
+    film_block_forward,
+    film_points,
+    unfolded_block_forward,
+)
 from npbml.params import match_names
+from npbml.unfold import Unfolded
 from npbml.warp import WarpLayer
 
 __all__ = ["HeadRow", "NPBMLNetwork", "adapt_and_freeze", "block_adapted_names", "block_frozen"]
@@ -92,10 +99,7 @@ class NPBMLNetwork(nn.Module):
         film_idx = sorted({self._index(i, n, "film_blocks") for i in film_blocks})
         warp_idx = sorted({self._index(i, n, "warp_after") for i in warp_after})
         self.films = nn.ModuleDict(
-            {
-                str(i): _generator(blocks[i], film_per_conv, film_init_std)
-                for i in film_idx
-            }
+            {str(i): _generator(blocks[i], film_per_conv, film_init_std) for i in film_idx}
         )
         self.warps = nn.ModuleDict(
             {
@@ -113,24 +117,29 @@ class NPBMLNetwork(nn.Module):
             raise ValueError(f"{what}: block index {i} out of range for {n} blocks")
         return int(i) % n
 
-    def block_forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Block ``i`` with its FiLM generator and the warp after it, if any."""
+    def block_forward(self, i: int, h: torch.Tensor | Unfolded) -> torch.Tensor:
+        """Block ``i`` with its FiLM generator and the warp after it, if any; ``h`` may come
+        :class:`~npbml.unfold.Unfolded` for the block's first convolution."""
         key = str(i)
         if key in self.films:
             generator = cast(FiLMGenerator, self.films[key])  # films holds _generator()s only
-            h = film_block_forward(self.blocks[i], generator, h)
+            out = film_block_forward(self.blocks[i], generator, h)
+        elif isinstance(h, Unfolded):
+            out = unfolded_block_forward(self.blocks[i], h)
         else:
-            h = self.blocks[i](h)
+            out = self.blocks[i](h)
         if key in self.warps:
-            h = self.warps[key](h)
-        return h
+            out = self.warps[key](out)
+        return out
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def run_blocks(
+        self, x: torch.Tensor | Unfolded, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
         """Activations after blocks ``start .. stop-1`` given the input of block ``start``."""
         stop = len(self.blocks) if stop is None else stop
         for i in range(start, stop):
             x = self.block_forward(i, x)
-        return x
+        return x.x if isinstance(x, Unfolded) else x
 
     def reduce(self, h: torch.Tensor) -> torch.Tensor:
         """Final block output -> head features (flatten, or spatial mean, to match the head)."""
@@ -144,8 +153,9 @@ class NPBMLNetwork(nn.Module):
             f"{self.head.in_features} input features; check the image size of the model"
         )
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits; ``start > 0`` means ``x`` is the (precomputed) input of block ``start``."""
+    def forward(self, x: torch.Tensor | Unfolded, start: int = 0) -> torch.Tensor:
+        """Logits; ``start > 0`` means ``x`` is the (precomputed) input of block ``start``,
+        possibly :class:`~npbml.unfold.Unfolded` for its first convolution."""
         return self.head(self.reduce(self.run_blocks(x, start)))
 
 
