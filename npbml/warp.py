@@ -35,6 +35,33 @@ from torch import nn
 from npbml.film import FiLMGenerator, global_context
 
 
+def warp_conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(h, weight, padding=k // 2)``; on maps with fewer positions than the kernel has
+    taps (2x2 or 1x1 under a 3x3 kernel, as after NPBML's last block) as one product with the
+    convolution's dense matrix instead.
+
+    On such maps most taps read the zero padding: for ``C`` channels and ``P = H * W`` positions
+    the dense map costs ``(C P)^2`` multiply-adds per example against the convolution's
+    ``9 C^2 P``, and a matrix product has none of a small convolution's overhead (issue 13,
+    docs/benchmarks.md). The matrix is the convolution applied to the ``C P`` unit inputs, so it
+    is exact (up to rounding) and differentiable in ``weight``.
+
+    Args:
+        h: ``[N, C, H, W]``.
+        weight: ``[C_out, C, k, k]``, ``k`` odd.
+
+    Returns:
+        ``[N, C_out, H, W]``.
+    """
+    n, c, height, width = h.shape
+    pad = weight.shape[-1] // 2
+    if height * width >= weight.shape[-2] * weight.shape[-1]:
+        return F.conv2d(h, weight, padding=pad)
+    units = torch.eye(c * height * width, dtype=h.dtype, device=h.device)
+    dense = F.conv2d(units.view(-1, c, height, width), weight, padding=pad).flatten(1)
+    return (h.reshape(n, -1) @ dense).view(n, -1, height, width)
+
+
 class WarpLayer(nn.Module):
     """One warp layer: ``z = FiLM(conv3x3(h); GAP(h))`` with a Dirac (identity) initial kernel.
 
@@ -64,6 +91,8 @@ class WarpLayer(nn.Module):
         nn.init.dirac_(self.conv.weight)
         self.bn = nn.BatchNorm2d(channels, track_running_stats=False) if bn else None
         self.film = FiLMGenerator(channels, channels, film_init_std) if film else None
+        #: :func:`warp_conv` (the same math); False: always ``F.conv2d`` (for A/B timings).
+        self.dense_small_maps = True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() != 4 or h.shape[1] != self.channels:
@@ -71,7 +100,10 @@ class WarpLayer(nn.Module):
                 f"WarpLayer({self.channels}) expects activations [B, {self.channels}, H, W], got "
                 f"{tuple(h.shape)}; place warps after conv blocks with that many channels"
             )
-        z = F.conv2d(h, self.conv.weight, padding=self.conv.padding)
+        if self.dense_small_maps:
+            z = warp_conv(h, self.conv.weight)
+        else:
+            z = F.conv2d(h, self.conv.weight, padding=self.conv.padding)
         if self.bn is not None:
             z = self.bn(z)
         if self.film is not None:

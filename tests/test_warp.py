@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from npbml.algorithms.npbml import NPBML
 from npbml.models import Conv4
-from npbml.warp import WarpLayer
+from npbml.warp import WarpLayer, warp_conv
 
 
 def test_dirac_init_is_identity():
@@ -86,3 +86,22 @@ def test_perturbed_warp_changes_the_update():
         with_warp.network.warps["3"].conv.weight.mul_(2.0)
     a, b = with_warp.adapt_task(ep), without.adapt_task(ep)
     assert not torch.allclose(a["blocks.3.conv.weight"], b["blocks.3.conv.weight"])
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (2, 1), (3, 3), (4, 5)])
+def test_warp_conv_equals_conv2d_with_gradients(size):
+    """The dense-matrix path on maps smaller than the kernel (and the plain path above it) against
+    F.conv2d: values, the input and weight gradients, and the weight's second derivative."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    out, ref = warp_conv(h, w), F.conv2d(h, w, padding=1)
+    assert out.shape == ref.shape
+    assert float((out - ref).detach().abs().max()) <= 1e-12
+    g_out = torch.autograd.grad(out.tanh().sum(), (h, w), create_graph=True)
+    g_ref = torch.autograd.grad(ref.tanh().sum(), (h, w), create_graph=True)
+    for a, b in zip(g_out, g_ref):
+        assert float((a - b).detach().abs().max()) <= 1e-12
+    (gg_out,) = torch.autograd.grad(g_out[0].square().sum(), w)
+    (gg_ref,) = torch.autograd.grad(g_ref[0].square().sum(), w)
+    assert float((gg_out - gg_ref).abs().max()) <= 1e-12

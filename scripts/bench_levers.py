@@ -1,14 +1,21 @@
-"""NPBML with and without the once-unfolded adapted input (issue 13, :mod:`npbml.unfold`), A/B.
+"""One of NPBML's speed levers on and off, A/B (issue 13): the same math, two code paths.
 
 The feature-relation NPBML of ``scripts/bench_npbml.py`` (same settings, same weights) runs its
-meta-step and its test adaptation (16 tasks at once) with ``learner.unfold_max_growth`` at
-``--on`` and at 0 (never unfold), next to MAML's, interleaved round-robin in one process (one
-thread, thread time, medians after one warm-up round). The demo setting's adapted conv has stride
-1 (patches 9x the activation): ``--on 10`` there measures what the default limit (4) skips.
+meta-step and its test adaptation (16 tasks at once) with the lever on and off, next to MAML's,
+interleaved round-robin in one process (one thread, thread time, medians after one warm-up round).
+Levers (``--lever``):
+
+- ``unfold``: the first adapted conv from patches unfolded once per episode
+  (:mod:`npbml.unfold`): ``learner.unfold_max_growth`` at ``--on`` against 0 (never). The demo
+  setting's adapted conv has stride 1 (patches 9x the activation): ``--on 10`` there measures
+  what the default limit (4) skips.
+- ``warp``: the warp's convolution as one dense matrix product on maps smaller than its kernel
+  (:func:`npbml.warp.warp_conv`) against ``F.conv2d`` (``WarpLayer.dense_small_maps``).
 
 Usage:
-    python scripts/bench_unfold.py --out docs/bench_unfold.json
-    python scripts/bench_unfold.py --setting demo --on 10 --rounds 7
+    python scripts/bench_levers.py --lever unfold --setting bench --out docs/bench_unfold.json
+    python scripts/bench_levers.py --lever unfold --setting demo --on 10
+    python scripts/bench_levers.py --lever warp --out docs/bench_warp.json
 """
 
 from __future__ import annotations
@@ -34,7 +41,20 @@ def _thread_time(fn: Callable[[], Any]) -> float:
     return time.thread_time() - t
 
 
-def run(setting: str, on: float, rounds: int) -> dict[str, Any]:
+def _switch(learner: Any, lever: str, on: float) -> Callable[[bool], None]:
+    """``set(enabled)`` for one lever of ``learner``."""
+
+    def unfold(enabled: bool) -> None:
+        learner.unfold_max_growth = on if enabled else 0.0
+
+    def warp(enabled: bool) -> None:
+        for layer in learner.network.warps.values():
+            layer.dense_small_maps = enabled
+
+    return {"unfold": unfold, "warp": warp}[lever]
+
+
+def run(setting: str, lever: str, on: float, rounds: int) -> dict[str, Any]:
     """Medians (seconds) of the A/B in one setting."""
     import torch
 
@@ -45,9 +65,11 @@ def run(setting: str, on: float, rounds: int) -> dict[str, Any]:
     test = bench_npbml._batch(torch, Episode, 5, s["test_queries"], bench_npbml.TEST_GROUP, 1)
     npbml, maml = bench_npbml.build("npbml-frel", s), bench_npbml.build("maml", s)
 
-    def with_limit(limit: float, fn: Callable[[], Any]) -> Callable[[], Any]:
+    switch = _switch(npbml, lever, on)
+
+    def arm(enabled: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
-            npbml.unfold_max_growth = limit
+            switch(enabled)
             return fn()
 
         return call
@@ -61,11 +83,11 @@ def run(setting: str, on: float, rounds: int) -> dict[str, Any]:
         return call
 
     calls = {
-        "test_off": with_limit(0.0, lambda: npbml.evaluate(test)),
-        "test_on": with_limit(on, lambda: npbml.evaluate(test)),
+        "test_off": arm(False, lambda: npbml.evaluate(test)),
+        "test_on": arm(True, lambda: npbml.evaluate(test)),
         "test_maml": lambda: maml.evaluate(test),
-        "step_off": with_limit(0.0, step(npbml)),
-        "step_on": with_limit(on, step(npbml)),
+        "step_off": arm(False, step(npbml)),
+        "step_on": arm(True, step(npbml)),
         "step_maml": step(maml),
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
@@ -80,7 +102,8 @@ def run(setting: str, on: float, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--setting", choices=[*bench_npbml.SETTINGS, "both"], default="both")
-    ap.add_argument("--on", type=float, default=4.0, help="unfold_max_growth of the 'on' runs")
+    ap.add_argument("--lever", choices=["unfold", "warp"], default="unfold")
+    ap.add_argument("--on", type=float, default=4.0, help="unfold: unfold_max_growth when on")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", help="write the JSON here")
     args = ap.parse_args(argv)
@@ -91,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
+        "lever": args.lever,
         "on": args.on,
         "rounds": args.rounds,
-        "settings": {n: run(n, args.on, args.rounds) for n in names},
+        "settings": {n: run(n, args.lever, args.on, args.rounds) for n in names},
     }
     text = json.dumps(result, indent=1)
     if args.out:

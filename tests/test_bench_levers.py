@@ -1,0 +1,41 @@
+"""scripts/bench_levers.py runs and reports both arms (a smoke test; the timings are not judged)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.mark.parametrize("lever", ["unfold", "warp"])
+def test_bench_levers_reports_both_arms_and_maml(lever, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_levers
+
+    out = tmp_path / "ab.json"
+    assert (
+        bench_levers.main(
+            [
+                "--lever",
+                lever,
+                "--setting",
+                "demo",
+                "--on",
+                "10",
+                "--rounds",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    arms = result["settings"]["demo"]
+    assert set(arms) == {"test_off", "test_on", "test_maml", "step_off", "step_on", "step_maml"}
+    assert all(v > 0 for v in arms.values())
+    assert result["lever"] == lever and "bench_levers" in sys.modules
