@@ -127,8 +127,9 @@ _FILM_FORWARDS: dict[type, BlockForward] = {}
 #: ``type -> (f, points)``: the variant with one FiLM per conv (``points`` of them, each with its
 #: own gamma/beta), the reference code's placement for residual blocks.
 _FILM_PER_CONV: dict[type, tuple[BlockForward, int]] = {}
-#: ``type -> f(block, x, modulate)`` accepting an :class:`~npbml.unfold.Unfolded` ``x``.
-_UNFOLDABLE: dict[type, Callable[..., torch.Tensor]] = {}
+#: Block types whose registered forward (:data:`_FILM_FORWARDS`) also accepts an
+#: :class:`~npbml.unfold.Unfolded` ``x`` (its first layer is ``block.conv`` reading ``x``).
+_UNFOLDABLE: set[type] = set()
 
 
 def register_film_forward(block_type: type, fn: BlockForward) -> None:
@@ -196,7 +197,7 @@ def _register_defaults() -> None:
         register_film_forward(ConvBlock, _conv_block_forward)
         register_film_forward(ResidualBlock, _residual_block_forward)
         _FILM_PER_CONV[ResidualBlock] = (_residual_per_conv_forward, 3)
-        _UNFOLDABLE[ConvBlock] = _conv_block_forward
+        _UNFOLDABLE.add(ConvBlock)
 
 
 def unfoldable_conv(block: nn.Module) -> nn.Conv2d | None:
@@ -219,13 +220,12 @@ def unfolded_block_forward(block: nn.Module, x: Unfolded) -> torch.Tensor:
 
 def _unfolded_forward_for(block: nn.Module) -> Callable[..., torch.Tensor]:
     _register_defaults()
-    fn = _UNFOLDABLE.get(type(block))
-    if fn is None:
+    if type(block) not in _UNFOLDABLE:
         raise TypeError(
             f"a {type(block).__name__} cannot run from an Unfolded input (only "
             f"{sorted(t.__name__ for t in _UNFOLDABLE)}); pass the activation itself"
         )
-    return fn
+    return _FILM_FORWARDS[type(block)]
 
 
 def _identity(h: torch.Tensor, k: int = 0) -> torch.Tensor:

@@ -74,7 +74,9 @@ def batchable(tasks: Sequence[Episode]) -> bool:
     """True when every task has the shapes of the first (vmap needs one shape per input)."""
     first = tasks[0]
     shapes = (first.support_x.shape, first.support_y.shape, first.query_x.shape)
-    return all((t.support_x.shape, t.support_y.shape, t.query_x.shape) == shapes for t in tasks[1:])
+    return all(
+        (t.support_x.shape, t.support_y.shape, t.query_x.shape) == shapes for t in tasks[1:]
+    )
 
 
 def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Tensor]:
@@ -87,7 +89,9 @@ def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Ten
     finite = torch.isfinite(norm)
     over = norm > max_norm
     scale = torch.where(over, max_norm / norm, torch.ones_like(norm))
-    out = {n: torch.where(finite, g * scale, torch.zeros_like(g)) for n, g in grads.items()}
+    out = {
+        n: torch.where(finite, g * scale, torch.zeros_like(g)) for n, g in grads.items()
+    }
     acted = (over | ~finite).to(some.dtype)
     return out, acted
 
@@ -105,7 +109,9 @@ def batched_query_logits(
     """Adapted query logits of every task, ``[B, Q, N]``, and the safeguard's count of acted
     steps per task ``[B]``; ``mode`` as :meth:`GradientLearner._adapt` (``"second"``,
     ``"first"`` or ``"none"``). Never sees query labels."""
-    per_task = [learner.inner_inputs(t.support_x, mode, t.support_y, t.query_x) for t in tasks]
+    per_task = [
+        learner.inner_inputs(t.support_x, mode, t.support_y, t.query_x) for t in tasks
+    ]
     n_s, joint = per_task[0][2], per_task[0][3]
     h0 = _stack([p[0] for p in per_task])
     relation = [p[1] for p in per_task if p[1] is not None]

@@ -313,11 +313,10 @@ class NPBML(GradientLearner):
         (:func:`~npbml.film.unfoldable_conv`), on CPU, NCHW, and the patches are at most
         :attr:`unfold_max_growth` times the size of ``h``. ``h`` is fixed through the inner loop, so
         it is unfolded once per episode instead of at every step (issue 13)."""
-        if self.channels_last or h.device.type != "cpu" or self.frozen_prefix == 0:
+        first = self.frozen_prefix  # the first adapted block; h is its input
+        if self.channels_last or h.device.type != "cpu" or not 0 < first < len(self.network.blocks):
             return h
-        if self.frozen_prefix >= len(self.network.blocks):
-            return h
-        conv = unfoldable_conv(self.network.blocks[self.frozen_prefix])
+        conv = unfoldable_conv(self.network.blocks[first])
         if conv is None or h.dim() != 4:
             return h
         growth = conv.kernel_size[0] * conv.kernel_size[1] / (conv.stride[0] * conv.stride[1])
@@ -577,7 +576,9 @@ class NPBML(GradientLearner):
             "losses": [float(v) for v in losses],
             "accuracies": accs,
             "max_abs_logit": peak,
-            "max_abs_logits": [float(v) if bool(torch.isfinite(v)) else math.inf for v in peaks],
+            "max_abs_logits": [
+                float(v) if bool(torch.isfinite(v)) else math.inf for v in peaks
+            ],
         }
         return self._add_clip_metric(metrics, [self.pop_inner_counts()])
 

@@ -99,7 +99,10 @@ class NPBMLNetwork(nn.Module):
         film_idx = sorted({self._index(i, n, "film_blocks") for i in film_blocks})
         warp_idx = sorted({self._index(i, n, "warp_after") for i in warp_after})
         self.films = nn.ModuleDict(
-            {str(i): _generator(blocks[i], film_per_conv, film_init_std) for i in film_idx}
+            {
+                str(i): _generator(blocks[i], film_per_conv, film_init_std)
+                for i in film_idx
+            }
         )
         self.warps = nn.ModuleDict(
             {
