@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from npbml.norm import batch_norm
 from npbml.unfold import Unfolded, can_unfold, unfolded_conv
 
 if TYPE_CHECKING:
@@ -159,10 +160,11 @@ def _conv_block_forward(
     block: nn.Module, x: torch.Tensor | Unfolded, modulate: Modulate
 ) -> torch.Tensor:
     # npbml.models.ConvBlock: conv -> BN -> [FiLM] -> ReLU -> pool; the conv from the patches when
-    # the input comes unfolded (npbml.unfold)
+    # the input comes unfolded (npbml.unfold), BN from elementwise ops (npbml.norm: no layout copy
+    # under vmap)
     b = cast("ConvBlock", block)  # registered for ConvBlock (looked up by exact type)
     z = unfolded_conv(b.conv, x) if isinstance(x, Unfolded) else b.conv(x)
-    return b.pool(b.relu(modulate(b.bn(z))))
+    return b.pool(b.relu(modulate(batch_norm(b.bn, z))))
 
 
 def _residual_block_forward(block: nn.Module, x: torch.Tensor, modulate: Modulate) -> torch.Tensor:

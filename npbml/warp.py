@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npbml.film import FiLMGenerator, global_context
+from npbml.norm import batch_norm
 
 
 def warp_conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -57,9 +58,15 @@ def warp_conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pad = weight.shape[-1] // 2
     if height * width >= weight.shape[-2] * weight.shape[-1]:
         return F.conv2d(h, weight, padding=pad)
+    # Rows and columns of the dense matrix in (y, x, channel) order, so that a channels-innermost
+    # h (the adapted block's output, npbml.unfold) is read as a view and the output comes back
+    # channels-innermost too: per-channel BatchNorm and FiLM after the warp are fast in that
+    # layout and slow on NCHW maps of 2x2 or 1x1 (npbml.norm).
     units = torch.eye(c * height * width, dtype=h.dtype, device=h.device)
-    dense = F.conv2d(units.view(-1, c, height, width), weight, padding=pad).flatten(1)
-    return (h.reshape(n, -1) @ dense).view(n, -1, height, width)
+    units = units.view(-1, height, width, c).permute(0, 3, 1, 2)
+    dense = F.conv2d(units, weight, padding=pad).permute(0, 2, 3, 1).flatten(1)
+    out = h.permute(0, 2, 3, 1).reshape(n, -1) @ dense
+    return out.view(n, height, width, -1).permute(0, 3, 1, 2)
 
 
 class WarpLayer(nn.Module):
@@ -105,7 +112,7 @@ class WarpLayer(nn.Module):
         else:
             z = F.conv2d(h, self.conv.weight, padding=self.conv.padding)
         if self.bn is not None:
-            z = self.bn(z)
+            z = batch_norm(self.bn, z)  # npbml.norm: no layout copy under vmap
         if self.film is not None:
             z = self.film.modulate(z, global_context(h))
         return z

@@ -11,11 +11,15 @@ Levers (``--lever``):
   what the default limit (4) skips.
 - ``warp``: the warp's convolution as one dense matrix product on maps smaller than its kernel
   (:func:`npbml.warp.warp_conv`) against ``F.conv2d`` (``WarpLayer.dense_small_maps``).
+- ``norm``: the adapted blocks' and warps' BatchNorm from reductions and elementwise operations
+  (:func:`npbml.norm.batch_norm`, which keeps vmap's task dimension out of the channels) against
+  PyTorch's BatchNorm forward (the modules' ``npbml.norm.batch_norm`` swapped for a plain call).
 
 Usage:
     python scripts/bench_levers.py --lever unfold --setting bench --out docs/bench_unfold.json
     python scripts/bench_levers.py --lever unfold --setting demo --on 10
     python scripts/bench_levers.py --lever warp --out docs/bench_warp.json
+    python scripts/bench_levers.py --lever norm --out docs/bench_norm.json
 """
 
 from __future__ import annotations
@@ -51,7 +55,19 @@ def _switch(learner: Any, lever: str, on: float) -> Callable[[bool], None]:
         for layer in learner.network.warps.values():
             layer.dense_small_maps = enabled
 
-    return {"unfold": unfold, "warp": warp}[lever]
+    def norm(enabled: bool) -> None:
+        import npbml.film
+        import npbml.norm
+        import npbml.warp
+
+        fn = npbml.norm.batch_norm if enabled else _plain_norm
+        npbml.film.batch_norm = npbml.warp.batch_norm = fn  # type: ignore[attr-defined]
+
+    return {"unfold": unfold, "warp": warp, "norm": norm}[lever]
+
+
+def _plain_norm(bn: Any, z: Any) -> Any:
+    return bn(z)
 
 
 def run(setting: str, lever: str, on: float, rounds: int) -> dict[str, Any]:
@@ -102,7 +118,7 @@ def run(setting: str, lever: str, on: float, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--setting", choices=[*bench_npbml.SETTINGS, "both"], default="both")
-    ap.add_argument("--lever", choices=["unfold", "warp"], default="unfold")
+    ap.add_argument("--lever", choices=["unfold", "warp", "norm"], default="unfold")
     ap.add_argument("--on", type=float, default=4.0, help="unfold: unfold_max_growth when on")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", help="write the JSON here")

@@ -11,7 +11,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-@pytest.mark.parametrize("lever", ["unfold", "warp"])
+@pytest.mark.parametrize("lever", ["unfold", "warp", "norm"])
 def test_bench_levers_reports_both_arms_and_maml(lever, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_levers

@@ -105,3 +105,18 @@ def test_warp_conv_equals_conv2d_with_gradients(size):
     (gg_out,) = torch.autograd.grad(g_out[0].square().sum(), w)
     (gg_ref,) = torch.autograd.grad(g_ref[0].square().sum(), w)
     assert float((gg_out - gg_ref).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("channels_inner", [False, True])
+def test_warp_conv_keeps_channels_innermost(channels_inner):
+    """On maps smaller than the kernel, a channels-innermost input (the adapted block's layout)
+    is read as it is and the output is channels-innermost too, with the values of F.conv2d; an
+    NCHW input gives the same values."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 2, 2, 4, dtype=torch.float64).permute(0, 3, 1, 2)
+    if not channels_inner:
+        h = h.contiguous()
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    out = warp_conv(h, w)
+    torch.testing.assert_close(out, F.conv2d(h, w, padding=1), rtol=0, atol=1e-12)
+    assert out.permute(0, 2, 3, 1).is_contiguous()

@@ -89,9 +89,7 @@ def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Ten
     finite = torch.isfinite(norm)
     over = norm > max_norm
     scale = torch.where(over, max_norm / norm, torch.ones_like(norm))
-    out = {
-        n: torch.where(finite, g * scale, torch.zeros_like(g)) for n, g in grads.items()
-    }
+    out = {n: torch.where(finite, g * scale, 0.0) for n, g in grads.items()}
     acted = (over | ~finite).to(some.dtype)
     return out, acted
 

@@ -1,0 +1,58 @@
+"""BatchNorm with batch statistics, written as reductions and elementwise operations.
+
+Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 1: per channel ``c``,
+
+    y = (z - mean_c) / sqrt(var_c + eps) * weight_c + bias_c,
+
+with the mean and the population variance (no Bessel correction) over the batch and spatial
+dimensions. :func:`batch_norm` computes it as ``(z - mean) * scale + bias`` with
+``scale = weight / sqrt(var + eps)``: the same function as ``F.batch_norm(..., training=True)``
+up to rounding (``tests/test_norm.py``: float64, values,
+gradients and second derivatives).
+
+Why (issue 13): under :func:`torch.func.vmap`, PyTorch's batch-norm rule folds the task dimension
+into the channels (``[B, N, C, H, W] -> [N, B*C, H, W]``), which costs a layout copy per call, and
+its backward and double backward on the folded tensor are slow on CPU. Reductions and elementwise
+operations keep the task dimension where it is. NPBML's batched inner loop runs its adapted blocks
+(:mod:`npbml.film`) and warps (:mod:`npbml.warp`) through this function; a BatchNorm that tracks
+running statistics keeps PyTorch's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``bn(z)`` for a ``BatchNorm1d/2d/3d`` ``bn`` without running statistics (batch
+    statistics in training and evaluation alike, as :class:`~npbml.models.Conv4`'s), from
+    reductions and elementwise operations; any other ``bn`` (running statistics, a different
+    norm layer) is simply called.
+
+    Args:
+        bn: the normalisation layer (its ``weight``/``bias`` may be swapped in by
+            ``torch.func.functional_call``).
+        z: activation ``[N, C, *spatial]``.
+
+    Returns:
+        The normalised activation, ``z``'s shape.
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is not None:
+        return bn(z)
+    if z.dim() < 2 or z.shape[1] != bn.num_features or z.numel() == z.shape[1]:
+        return bn(z)  # PyTorch's own errors: a wrong shape, one value per channel
+    # Two passes (the mean, then the variance of z - mean), reduced over all non-channel dims
+    # at once: one reduction per statistic, fast when the channels are the innermost dimension
+    # in memory (the adapted blocks' layout, npbml.unfold and npbml.warp; PyTorch's reductions
+    # and broadcasts over tiny trailing spatial dimensions of NCHW maps are slow on CPU).
+    dims = [0, *range(2, z.dim())]
+    n = z.numel() // z.shape[1]
+    d = z - z.sum(dims, keepdim=True) / n
+    inv = torch.rsqrt((d * d).sum(dims, keepdim=True) / n + bn.eps)
+    if bn.weight is None:
+        return d * inv
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    return d * (inv * bn.weight.view(shape)) + bn.bias.view(shape)
