@@ -1,4 +1,8 @@
-"""BatchNorm with batch statistics, written as reductions and elementwise operations.
+"""Per-channel reductions for NPBML's adapted blocks that are fast in their memory layout.
+
+:func:`batch_norm`: BatchNorm with batch statistics, written as reductions and elementwise
+operations. :func:`spatial_mean`: global average pooling whose gradient keeps the activation's
+layout.
 
 Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 1: per channel ``c``,
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "spatial_mean"]
 
 
 def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -56,3 +60,28 @@ def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
         return d * inv
     shape = (1, -1) + (1,) * (z.dim() - 2)
     return d * (inv * bn.weight.view(shape)) + bn.bias.view(shape)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the spatial dimensions, ``[N, C, *spatial] -> [N, C]`` (``x`` itself when it
+    has none), as ``x.mean(dim=(2, ...))``.
+
+    For a channels-innermost ``x`` (the adapted blocks' layout, :mod:`npbml.unfold`) the mean is
+    taken over the ``[N, *spatial, C]`` view. The values are the same; the point is the
+    gradient: a mean's backward broadcasts the output gradient over the reduced dimensions, and
+    PyTorch lays out the result of that broadcast in the order of the logical dimensions. In
+    ``[N, C, H, W]`` order that is NCHW, which then meets channels-innermost activations in every
+    backward operation of the inner loop (slow mixed-layout operations and copies, issue 13); in
+    ``[N, H, W, C]`` order it is channels-innermost too.
+
+    Args:
+        x: ``[N, C, *spatial]`` (or ``[N, C]``).
+
+    Returns:
+        ``[N, C]``.
+    """
+    if x.dim() <= 2:
+        return x
+    if x.stride(1) == 1 and x.shape[1] > 1:  # channels innermost (readable under vmap)
+        return x.movedim(1, -1).mean(dim=tuple(range(1, x.dim() - 1)))
+    return x.mean(dim=tuple(range(2, x.dim())))

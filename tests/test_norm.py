@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from npbml.norm import batch_norm
+from npbml.norm import batch_norm, spatial_mean
 
 
 def _bn(c: int, dims: int = 2, affine: bool = True) -> nn.Module:
@@ -117,3 +117,21 @@ def test_running_statistics_and_errors_go_to_pytorch():
     ln = nn.LayerNorm(3).double()
     x = torch.randn(2, 3, dtype=torch.float64)
     torch.testing.assert_close(batch_norm(ln, x), F.layer_norm(x, (3,), ln.weight, ln.bias))
+
+
+@pytest.mark.parametrize("channels_inner", [False, True])
+def test_spatial_mean_values_and_gradient_layout(channels_inner):
+    # the mean over space as x.mean((2, 3)); for a channels-innermost x the gradient comes back
+    # channels-innermost too (the point of spatial_mean), for an NCHW x it stays NCHW
+    x = torch.randn(3, 2, 2, 5, dtype=torch.float64).permute(0, 3, 1, 2)
+    if not channels_inner:
+        x = x.contiguous()
+    x.requires_grad_(True)
+    out = spatial_mean(x)
+    torch.testing.assert_close(out, x.mean(dim=(2, 3)), rtol=0, atol=1e-15)
+    (g,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), x)
+    assert g.permute(0, 2, 3, 1).is_contiguous() == channels_inner
+    assert g.is_contiguous() == (not channels_inner)
+    flat = torch.randn(4, 5)
+    assert spatial_mean(flat) is flat
+    assert spatial_mean(torch.randn(2, 3, 4)).shape == (2, 3)

@@ -18,6 +18,7 @@ from npbml.film import (
     film_points,
     unfolded_block_forward,
 )
+from npbml.norm import spatial_mean
 from npbml.params import match_names
 from npbml.unfold import Unfolded
 from npbml.warp import WarpLayer
@@ -146,11 +147,10 @@ class NPBMLNetwork(nn.Module):
 
     def reduce(self, h: torch.Tensor) -> torch.Tensor:
         """Final block output -> head features (flatten, or spatial mean, to match the head)."""
-        flat = h.flatten(1)
-        if flat.shape[1] == self.head.in_features:
-            return flat
+        if h[0].numel() == self.head.in_features:  # sized first: flatten copies a CL map
+            return h.flatten(1)
         if h.dim() == 4 and h.shape[1] == self.head.in_features:
-            return h.mean(dim=(2, 3))
+            return spatial_mean(h)  # its gradient keeps a channels-innermost layout
         raise ValueError(
             f"block output {tuple(h.shape)} fits neither flattened nor pooled the head's "
             f"{self.head.in_features} input features; check the image size of the model"
