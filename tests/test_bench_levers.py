@@ -39,3 +39,25 @@ def test_bench_levers_reports_both_arms_and_maml(lever, tmp_path, monkeypatch):
     assert set(arms) == {"test_off", "test_on", "test_maml", "step_off", "step_on", "step_maml"}
     assert all(v > 0 for v in arms.values())
     assert result["lever"] == lever and "bench_levers" in sys.modules
+
+
+def test_bench_ab_runs_two_checkouts_interleaved(tmp_path, monkeypatch):
+    # the checkout A/B'd against itself: both arms are timed and the ratios are reported
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_ab
+
+    import npbml.models
+
+    before = npbml.models.Conv4
+    repo = SCRIPTS.parent
+    out = tmp_path / "ab.json"
+    args = [str(repo), str(repo), "--setting", "demo", "--rounds", "1", "--out", str(out)]
+    assert bench_ab.main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"before:npbml", "before:maml", "after:npbml", "after:maml"}
+    assert all(v > 0 for v in result["ms"].values())
+    assert result["npbml_after_over_before"] > 0 and set(result["npbml_over_maml"]) == {
+        "before",
+        "after",
+    }
+    assert sys.modules["npbml.models"].Conv4 is before  # the test process's modules restored
