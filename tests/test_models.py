@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npbml.models import Conv4, ResNet12, available_models, build_model
+from npbml.models import Conv4, ConvBlock, ResNet12, available_models, build_model
 from npbml.params import functional_forward, named_params, split_params, strip_prefix
 
 
@@ -214,3 +214,17 @@ def test_maml_on_shared_submodule_model_matches_reference_twice():
         maml.meta_backward(ep)
         for p, r in zip(params.values(), ref):
             torch.testing.assert_close(p.grad, r)
+
+
+def test_conv_block_without_grad_equals_with_grad():
+    # without autograd the block applies its ReLU in place; the values are the same, and a block
+    # whose activation was replaced keeps it
+    torch.manual_seed(0)
+    block = ConvBlock(3, 4, stride=2, pool=False)
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        fast = block(x)
+    assert torch.equal(fast, block(x).detach())
+    block.relu = torch.nn.Tanh()
+    with torch.no_grad():
+        assert float(block(x).min()) < 0

@@ -42,7 +42,12 @@ class ConvBlock(nn.Module):
             nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(self.bn(self.conv(x))))
+        h = self.bn(self.conv(x))
+        if not torch.is_grad_enabled() and type(self.relu) is nn.ReLU:
+            # no graph (frozen features, evaluation): ReLU in place on BatchNorm's fresh output,
+            # one full-size buffer fewer per block (issue 13); the same values
+            return self.pool(torch.relu_(h))
+        return self.pool(self.relu(h))
 
 
 class Conv4(nn.Module):
