@@ -33,8 +33,9 @@ __all__ = ["batch_norm", "spatial_mean"]
 def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``bn(z)`` for a ``BatchNorm1d/2d/3d`` ``bn`` without running statistics (batch
     statistics in training and evaluation alike, as :class:`~npbml.models.Conv4`'s), from
-    reductions and elementwise operations; any other ``bn`` (running statistics, a different
-    norm layer) is simply called.
+    reductions and elementwise operations when ``z`` is channels-innermost (or has no spatial
+    extent); any other ``bn`` (running statistics, a different norm layer) or an NCHW ``z`` is
+    simply called.
 
     Args:
         bn: the normalisation layer (its ``weight``/``bias`` may be swapped in by
@@ -48,6 +49,11 @@ def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
         return bn(z)
     if z.dim() < 2 or z.shape[1] != bn.num_features or z.numel() == z.shape[1]:
         return bn(z)  # PyTorch's own errors: a wrong shape, one value per channel
+    if z.dim() > 2 and z.stride(1) != 1:
+        # NCHW (readable under vmap): per-channel reductions and broadcasts over the trailing
+        # spatial dims are slow in this layout either way, and PyTorch's kernel is no slower
+        # (the demo's max-pool Conv4, whose adapted conv is not unfolded)
+        return bn(z)
     # Two passes (the mean, then the variance of z - mean), reduced over all non-channel dims
     # at once: one reduction per statistic, fast when the channels are the innermost dimension
     # in memory (the adapted blocks' layout, npbml.unfold and npbml.warp; PyTorch's reductions
