@@ -160,35 +160,18 @@ class InnerSGD(nn.Module):
         mu, wd = self.momentum, self.weight_decay
         new_params: Params = {}
         new_state: SGDState = {}
-        # x + a * y as one torch.add(x, y, alpha=a) where a is a number (torch.optim.SGD's own
-        # form): one pass over the tensor instead of two, in the forward and in every backward
-        # through the unroll (issue 13)
         for name, p in params.items():
             d = grads[name]
             if wd != 0:
-                d = torch.add(d, p, alpha=wd)
+                d = d + wd * p
             if mu != 0:
-                d, new_state[name] = self._momentum(d, state.get(name))
+                buf = state.get(name)
+                buf = d if buf is None else mu * buf + (1.0 - self.dampening) * d
+                new_state[name] = buf
+                d = d + mu * buf if self.nesterov else buf
             lr = lrs[name] if isinstance(lrs, Mapping) else lrs
-            if isinstance(lr, float):
-                new_params[name] = torch.add(p, d, alpha=-lr)
-            else:
-                new_params[name] = p - lr * d
+            new_params[name] = p - lr * d
         return new_params, new_state
-
-    def _momentum(
-        self, d: torch.Tensor, buf: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The direction and the new buffer: ``b = mu b + (1 - tau) d`` (``b = d`` at the first
-        step), then ``d + mu b`` (Nesterov) or ``b``."""
-        mu = self.momentum
-        if buf is None:
-            buf = d
-        elif self.dampening == 0:
-            buf = torch.add(d, buf, alpha=mu)
-        else:
-            buf = torch.add(mu * buf, d, alpha=1.0 - self.dampening)
-        return (torch.add(d, buf, alpha=mu) if self.nesterov else buf), buf
 
     def extra_repr(self) -> str:
         lr: Any = self._lr_float if self._lr_float is not None else "tensor"
