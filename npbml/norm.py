@@ -11,8 +11,7 @@ Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 1: per channel ``c`
 with the mean and the population variance (no Bessel correction) over the batch and spatial
 dimensions. :func:`batch_norm` computes it as ``(z - mean) * scale + bias`` with
 ``scale = weight / sqrt(var + eps)``: the same function as ``F.batch_norm(..., training=True)``
-up to rounding (``tests/test_norm.py``: float64, values,
-gradients and second derivatives).
+up to rounding (``tests/test_norm.py``: float64, values, gradients and second derivatives).
 
 Why (issue 13): under :func:`torch.func.vmap`, PyTorch's batch-norm rule folds the task dimension
 into the channels (``[B, N, C, H, W] -> [N, B*C, H, W]``), which costs a layout copy per call, and

@@ -16,12 +16,13 @@ Usage (``git worktree add /tmp/base <rev>`` makes the "before" checkout):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _report import write_json  # scripts/ is on sys.path: run as a script, or by its test
 
 OWN = ("npbml", "tasks", "bench_npbml")
 
@@ -126,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         **run(checkouts, args.setting, args.what, args.rounds),
     }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_json(result, args.out)
     return 0
 
 

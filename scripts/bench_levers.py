@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_npbml  # noqa: E402  (the settings and builders of the main benchmark)
+from _report import write_json  # noqa: E402
 
 
 def _thread_time(fn: Callable[[], Any]) -> float:
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "settings": {n: run(n, args.lever, args.on, args.rounds) for n in names},
     }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_json(result, args.out)
     return 0
 
 

@@ -5,6 +5,7 @@ Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METH
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -147,7 +148,7 @@ class NPBMLNetwork(nn.Module):
 
     def reduce(self, h: torch.Tensor) -> torch.Tensor:
         """Final block output -> head features (flatten, or spatial mean, to match the head)."""
-        if h[0].numel() == self.head.in_features:  # sized first: flatten copies a CL map
+        if math.prod(h.shape[1:]) == self.head.in_features:  # before flatten: it copies a CL map
             return h.flatten(1)
         if h.dim() == 4 and h.shape[1] == self.head.in_features:
             return spatial_mean(h)  # its gradient keeps a channels-innermost layout
