@@ -315,8 +315,7 @@ def film_block_forward(
     described in :class:`FiLMBlock`. The functional core of FiLMBlock, for composite networks
     that keep blocks and generators in separate containers. ``x`` may come
     :class:`~npbml.unfold.Unfolded` for a block with an :func:`unfoldable_conv`."""
-    raw = x.x if isinstance(x, Unfolded) else x
-    gamma, beta = generator(global_context(raw))
+    gamma, beta = generator(x.mean if isinstance(x, Unfolded) else global_context(x))
     width = gamma.shape[-1]
 
     def modulate(h: torch.Tensor, k: int = 0) -> torch.Tensor:

@@ -57,14 +57,15 @@ def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     # at once: one reduction per statistic, fast when the channels are the innermost dimension
     # in memory (the adapted blocks' layout, npbml.unfold and npbml.warp; PyTorch's reductions
     # and broadcasts over tiny trailing spatial dimensions of NCHW maps are slow on CPU).
-    dims = [0, *range(2, z.dim())]
+    # The [N, *spatial, C] view, whose logical order is the memory order: reductions over
+    # the channel-strided [N, C, *spatial] view are 5x slower on large maps (14x14).
+    zl = z.movedim(1, -1) if z.dim() > 2 else z
+    dims = tuple(range(zl.dim() - 1))
     n = z.numel() // z.shape[1]
-    d = z - z.sum(dims, keepdim=True) / n
+    d = zl - zl.sum(dims, keepdim=True) / n
     inv = torch.rsqrt((d * d).sum(dims, keepdim=True) / n + bn.eps)
-    if bn.weight is None:
-        return d * inv
-    shape = (1, -1) + (1,) * (z.dim() - 2)
-    return d * (inv * bn.weight.view(shape)) + bn.bias.view(shape)
+    out = d * inv if bn.weight is None else d * (inv * bn.weight) + bn.bias
+    return out.movedim(-1, 1) if z.dim() > 2 else out
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ the inner loop still never updates the warp.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,29 +46,65 @@ def warp_conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     On such maps most taps read the zero padding: for ``C`` channels and ``P = H * W`` positions
     the dense map costs ``(C P)^2`` multiply-adds per example against the convolution's
     ``9 C^2 P``, and a matrix product has none of a small convolution's overhead (issue 13,
-    docs/benchmarks.md). The matrix is the convolution applied to the ``C P`` unit inputs, so it
-    is exact (up to rounding) and differentiable in ``weight``.
+    docs/benchmarks.md). The matrix is gathered from the kernel's entries
+    (:func:`dense_conv_matrix`), so it is exact and differentiable in ``weight``.
 
     Args:
         h: ``[N, C, H, W]``.
-        weight: ``[C_out, C, k, k]``, ``k`` odd.
+        weight: ``[C_out, C, kh, kw]``, ``kh`` and ``kw`` odd.
 
     Returns:
         ``[N, C_out, H, W]``.
     """
-    n, c, height, width = h.shape
-    pad = weight.shape[-1] // 2
-    if height * width >= weight.shape[-2] * weight.shape[-1]:
-        return F.conv2d(h, weight, padding=pad)
+    n, _, height, width = h.shape
+    kh, kw = weight.shape[-2:]
+    if height * width >= kh * kw:
+        return F.conv2d(h, weight, padding=(kh // 2, kw // 2))
     # Rows and columns of the dense matrix in (y, x, channel) order, so that a channels-innermost
     # h (the adapted block's output, npbml.unfold) is read as a view and the output comes back
     # channels-innermost too: per-channel BatchNorm and FiLM after the warp are fast in that
     # layout and slow on NCHW maps of 2x2 or 1x1 (npbml.norm).
-    units = torch.eye(c * height * width, dtype=h.dtype, device=h.device)
-    units = units.view(-1, height, width, c).permute(0, 3, 1, 2)
-    dense = F.conv2d(units, weight, padding=pad).permute(0, 2, 3, 1).flatten(1)
-    out = h.permute(0, 2, 3, 1).reshape(n, -1) @ dense
+    out = h.permute(0, 2, 3, 1).reshape(n, -1) @ dense_conv_matrix(weight, height, width)
     return out.view(n, height, width, -1).permute(0, 3, 1, 2)
+
+
+def dense_conv_matrix(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The ``"same"``-padded convolution with ``weight`` on ``height x width`` maps as a matrix.
+
+    Entry ``[(yi, xi, ci), (yo, xo, co)]`` is ``weight[co, ci, yi - yo + kh // 2,
+    xi - xo + kw // 2]`` (zero where that tap is off the kernel): the cross-correlation of
+    ``F.conv2d``. A gather of the kernel's entries, not a convolution of unit inputs: the same
+    matrix exactly, at a fraction of the work, and its gradient is the sum over the entries
+    each kernel tap feeds.
+
+    Args:
+        weight: ``[C_out, C_in, kh, kw]``.
+        height, width: the map size.
+
+    Returns:
+        ``[height * width * C_in, height * width * C_out]``, for row vectors of
+        channels-innermost inputs.
+    """
+    c_out, c_in, kh, kw = weight.shape
+    p = height * width
+    taps = torch.tensor(_taps(height, width, kh, kw), device=weight.device)
+    table = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
+    table = torch.cat([table, table.new_zeros(1, c_in, c_out)])  # the last entry: no tap
+    dense = table[taps].view(p, p, c_in, c_out).permute(0, 2, 1, 3)
+    return dense.reshape(p * c_in, p * c_out)
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(height: int, width: int, kh: int, kw: int) -> tuple[int, ...]:
+    """For each (input position, output position) pair, row-major, the flat kernel tap that
+    connects them, or ``kh * kw`` where none does."""
+    positions = [(y, x) for y in range(height) for x in range(width)]
+    out = []
+    for yi, xi in positions:
+        for yo, xo in positions:
+            ky, kx = yi - yo + kh // 2, xi - xo + kw // 2
+            out.append(ky * kw + kx if 0 <= ky < kh and 0 <= kx < kw else kh * kw)
+    return tuple(out)
 
 
 class WarpLayer(nn.Module):

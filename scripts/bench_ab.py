@@ -97,11 +97,20 @@ def _interleaved(
                     times[f"{name}:{who}"].append(1e3 * t)
     ms = {k: statistics.median(v) for k, v in times.items()}
     a, b = names
+
+    def paired(x: str, y: str) -> float:  # median of the per-round ratios: drift cancels
+        return statistics.median(p / q for p, q in zip(times[x], times[y]))
+
     return {
         "ms": ms,
         "npbml_over_maml": {n: ms[f"{n}:npbml"] / ms[f"{n}:maml"] for n in names},
         f"npbml_{b}_over_{a}": ms[f"{b}:npbml"] / ms[f"{a}:npbml"],
         f"maml_{b}_over_{a}": ms[f"{b}:maml"] / ms[f"{a}:maml"],
+        "paired": {
+            **{f"npbml_over_maml:{n}": paired(f"{n}:npbml", f"{n}:maml") for n in names},
+            f"npbml_{b}_over_{a}": paired(f"{b}:npbml", f"{a}:npbml"),
+            f"maml_{b}_over_{a}": paired(f"{b}:maml", f"{a}:maml"),
+        },
     }
 
 

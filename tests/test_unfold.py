@@ -18,7 +18,7 @@ from npbml.film import (
 )
 from npbml.models import Conv4, ConvBlock, ResidualBlock
 from npbml.relation import RelationNetwork
-from npbml.unfold import Unfolded, can_unfold, unfold_input, unfolded_conv
+from npbml.unfold import Unfolded, can_unfold, patch_weight, unfold_input, unfolded_conv
 from tasks.episode import Episode
 
 TOL = 1e-10
@@ -54,7 +54,7 @@ def test_unfolded_conv_gradients_and_per_task_weights_equal_conv2d():
     inp = vmap(lambda x: unfold_input(conv, x))(xs)
 
     def via_patches(w: torch.Tensor, u: Unfolded) -> torch.Tensor:
-        out = F.linear(u.patches, w.flatten(1)).view(u.x.shape[0], 2, 2, -1).permute(0, 3, 1, 2)
+        out = F.linear(u.patches, patch_weight(w)).view(u.x.shape[0], 2, 2, -1).permute(0, 3, 1, 2)
         return out.tanh().sum()
 
     def via_conv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_what_cannot_be_unfolded_is_refused():
         unfold_input(nn.Conv2d(2, 2, 3, groups=2), torch.zeros(1, 2, 4, 4))  # type: ignore[arg-type]
     assert unfoldable_conv(ResidualBlock(2, 3)) is None
     with pytest.raises(TypeError, match="cannot run from an Unfolded input"):
-        unfolded_block_forward(ResidualBlock(2, 3), Unfolded(torch.zeros(1), torch.zeros(1)))
+        unfolded_block_forward(ResidualBlock(2, 3), Unfolded(*torch.zeros(3, 1)))
 
 
 @pytest.mark.parametrize("with_film", [False, True])

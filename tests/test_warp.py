@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from npbml.algorithms.npbml import NPBML
 from npbml.models import Conv4
-from npbml.warp import WarpLayer, warp_conv
+from npbml.warp import WarpLayer, dense_conv_matrix, warp_conv
 
 
 def test_dirac_init_is_identity():
@@ -105,6 +105,22 @@ def test_warp_conv_equals_conv2d_with_gradients(size):
     (gg_out,) = torch.autograd.grad(g_out[0].square().sum(), w)
     (gg_ref,) = torch.autograd.grad(g_ref[0].square().sum(), w)
     assert float((gg_out - gg_ref).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("kernel", [(3, 1), (1, 3), (5, 5), (5, 3)])
+def test_dense_conv_matrix_is_the_convolution_of_unit_inputs(kernel):
+    """The gathered matrix equals the convolution applied to every unit input (an independent
+    construction), entry for entry, for non-square kernels and C_out != C_in too."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, *kernel, dtype=torch.float64)
+    height, width = 2, 3
+    pad = (kernel[0] // 2, kernel[1] // 2)
+    units = torch.eye(3 * height * width, dtype=torch.float64)
+    units = units.view(-1, height, width, 3).permute(0, 3, 1, 2)
+    ref = F.conv2d(units, w, padding=pad).permute(0, 2, 3, 1).flatten(1)
+    assert torch.equal(dense_conv_matrix(w, height, width), ref)
+    h = torch.randn(4, 3, height, width, dtype=torch.float64)
+    torch.testing.assert_close(warp_conv(h, w), F.conv2d(h, w, padding=pad), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels_inner", [False, True])
