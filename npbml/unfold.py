@@ -7,7 +7,10 @@ final query forward. A convolution is a matrix product with the unfolded input (
 
     conv(h; W, b)[n, :, p] = W.flatten(1) @ unfold(h)[n, :, p] + b,
 
-so the unfolding can be done once per episode and every step pays one matrix product. Issue 13
+so the unfolding can be done once per episode and every step pays one matrix product. The
+patches here list each receptive field in ``(ky, kx, c)`` order rather than ``F.unfold``'s
+``(c, ky, kx)``, with the weight permuted to match (:func:`patch_weight`): for channels-innermost
+activations that makes the unfolding one strided copy. Issue 13
 (docs/benchmarks.md): under :func:`torch.func.vmap` with per-task weights a convolution becomes a
 grouped convolution plus two layout copies per call, and on the small feature maps of the adapted
 block (4x4 -> 2x2 for Conv4 strided at 28x28) the product with precomputed patches costs half of
