@@ -50,7 +50,7 @@ def conv_embedding(
         layers += [
             nn.Conv2d(c, hidden, 3, padding=1),
             nn.BatchNorm2d(hidden, track_running_stats=False),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),  # on a fresh BN output: no extra buffer, same gradient
         ]
         if i < pooled_blocks:
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
@@ -112,7 +112,7 @@ class RelationNetwork(nn.Module):
             return [
                 nn.Conv2d(cin, self.channels, 3, padding=1),
                 nn.BatchNorm2d(self.channels, track_running_stats=False),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),  # on a fresh BN output: no extra buffer, same gradient
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
 

@@ -4,9 +4,11 @@ Separate processes on a shared 2-core VM drift by 10-20% between runs (docs/benc
 than most speed-ups; in one process the drift hits both arms alike. Each checkout's ``npbml``,
 ``tasks`` and ``bench_npbml`` modules are imported once and swapped into ``sys.modules`` before
 each of its calls (so imports inside functions resolve to the right checkout). Per checkout the
-feature-relation NPBML and MAML of ``scripts/bench_npbml.py`` (same settings, seeds and episodes)
-run their meta-step or their test adaptation (16 tasks at once, per task), round-robin, the order
-of the checkouts alternating every round; one thread, thread time, medians.
+feature-relation NPBML (``--variant npbml``: the image relation network) and MAML of
+``scripts/bench_npbml.py`` (same settings, seeds and episodes) run their meta-step or their
+test adaptation (16 tasks at once, per task), round-robin, the order of the checkouts
+alternating every round; one thread, thread time, medians, and the medians of the per-round
+ratios ("paired").
 
 Usage (``git worktree add /tmp/base <rev>`` makes the "before" checkout):
     python scripts/bench_ab.py /tmp/base . --setting bench --what test --rounds 9
@@ -32,7 +34,9 @@ def _drop_own_modules() -> None:
         del sys.modules[name]
 
 
-def load(checkout: Path, setting: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(
+    checkout: Path, setting: str, variant: str = "npbml-frel"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Import ``checkout``'s modules; returns them and its learners and episodes."""
     import torch
 
@@ -46,7 +50,7 @@ def load(checkout: Path, setting: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
         s = bench.SETTINGS[setting]
         arms = {
-            "npbml": bench.build("npbml-frel", s),
+            "npbml": bench.build(variant, s),
             "maml": bench.build("maml", s),
             "test": bench._batch(torch, Episode, 5, s["test_queries"], bench.TEST_GROUP, 1),
             "train": bench._batch(torch, Episode, 5, s["queries"], s["meta_batch"], 0),
@@ -69,21 +73,27 @@ def _call(arms: dict[str, Any], who: str, what: str) -> float:
     return time.thread_time() - t
 
 
-def run(checkouts: dict[str, Path], setting: str, what: str, rounds: int) -> dict[str, Any]:
+def run(
+    checkouts: dict[str, Path],
+    setting: str,
+    what: str,
+    rounds: int,
+    variant: str = "npbml-frel",
+) -> dict[str, Any]:
     """Medians (milliseconds) per checkout and learner, and the ratios; ``sys.modules`` is
     left as it was found."""
     original = {m: v for m, v in sys.modules.items() if m.split(".")[0] in OWN}
     try:
-        return _interleaved(checkouts, setting, what, rounds)
+        return _interleaved(checkouts, setting, what, rounds, variant)
     finally:
         _drop_own_modules()
         sys.modules.update(original)
 
 
 def _interleaved(
-    checkouts: dict[str, Path], setting: str, what: str, rounds: int
+    checkouts: dict[str, Path], setting: str, what: str, rounds: int, variant: str
 ) -> dict[str, Any]:
-    loaded = {name: load(path, setting) for name, path in checkouts.items()}
+    loaded = {name: load(path, setting, variant) for name, path in checkouts.items()}
     times: dict[str, list[float]] = {f"{n}:{w}": [] for n in loaded for w in ("npbml", "maml")}
     names = list(loaded)
     for r in range(rounds + 1):  # round 0 warms up
@@ -121,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setting", choices=["demo", "bench"], default="bench")
     ap.add_argument("--what", choices=["test", "step"], default="test")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--variant",
+        choices=["npbml-frel", "npbml"],
+        default="npbml-frel",
+        help="the NPBML of bench_npbml.py: feature relation (default) or image relation",
+    )
     ap.add_argument("--out", help="write the JSON here")
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -134,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "setting": args.setting,
         "what": args.what,
         "rounds": args.rounds,
-        **run(checkouts, args.setting, args.what, args.rounds),
+        "variant": args.variant,
+        **run(checkouts, args.setting, args.what, args.rounds, args.variant),
     }
     write_json(result, args.out)
     return 0

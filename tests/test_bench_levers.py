@@ -60,4 +60,11 @@ def test_bench_ab_runs_two_checkouts_interleaved(tmp_path, monkeypatch):
         "before",
         "after",
     }
+    # one round: each paired ratio is that round's ratio of the two arms' times
+    ms, paired = result["ms"], result["paired"]
+    assert paired["npbml_after_over_before"] == pytest.approx(
+        ms["after:npbml"] / ms["before:npbml"]
+    )
+    assert paired["npbml_over_maml:after"] == pytest.approx(ms["after:npbml"] / ms["after:maml"])
+    assert result["variant"] == "npbml-frel"
     assert sys.modules["npbml.models"].Conv4 is before  # the test process's modules restored
