@@ -136,7 +136,7 @@ def weight_statistics(
     # gradient and the meta-gradient through both) grows only by the reductions with the number
     # of adapted tensors. (A product with a 0/1 segment matrix did the same at 3-17x the time of
     # the reductions, a tall-skinny GEMM; index_add is a slow scatter under vmap.) The variance
-    # is E[x^2] - mean^2 (clamped at 0 against rounding): no [numel] tensor of deviations
+    # is E[x^2] - mean^2 (clamped at 0 against rounding, below): no [numel] tensor of deviations
     # (x - mean) in the forward, the gradient or the meta-gradient. Equal to _tensor_statistics
     # up to rounding (tested against it, numpy and finite differences).
     sizes = [t.numel() for t in tensors]
@@ -144,7 +144,13 @@ def weight_statistics(
     n = torch.tensor(sizes, dtype=flat.dtype, device=flat.device)
     mean = _segment_sums(flat, sizes) / n
     s2 = _segment_sums(flat * flat, sizes)
-    std = ((s2 / n - mean * mean).clamp_min(0.0) + eps).sqrt()
+    var = s2 / n - mean * mean
+    # Clamped at 0 against rounding in value only: the derivatives are those of the variance
+    # itself. A plain clamp_min cut them off when rounding put a constant tensor's variance
+    # (NPBML's head bias, expanded from one value, at every initialisation) just below 0, so the
+    # second derivative of its std, and the meta-gradient, depended on summation order.
+    var = var + (var.clamp_min(0.0) - var).detach()
+    std = (var + eps).sqrt()
     l1 = _segment_sums(flat.abs(), sizes)
     l2 = (s2 + eps).sqrt()
     if normalize:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from npbml.task_loss import LossMLP, TaskAdaptiveLoss, weight_statistics
+from npbml.task_loss import LossMLP, TaskAdaptiveLoss, _tensor_statistics, weight_statistics
 
 N = 5
 
@@ -150,6 +150,28 @@ def test_weight_statistics_closed_form_and_finite_gradient_at_constant_tensor():
         [np.abs(x).mean(), np.sqrt((x**2).mean())],
         rtol=1e-10,
     )
+
+
+@pytest.mark.parametrize("value", [0.3, 0.1, 1 / 3, 0.7, 1.1, 0.123456, 2.5, 0.01, 7.3])
+def test_std_second_derivative_at_a_constant_tensor_does_not_depend_on_rounding(value):
+    """A constant tensor (NPBML's head bias at init) has variance 0; the one-pass form rounds it
+    to +-1e-17, and a plain clamp at 0 then cut the derivatives for some values (2 of these 36
+    cases before the fix). The Hessian of its std must be the two-pass formula's:
+    (2/n)(I - 11^T/n) / (2 sqrt(eps)), whatever the sign of the rounding."""
+    other = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for n in (3, 5, 64, 100):
+
+        def hessian_row(fn, n=n):
+            x = torch.full((n,), value, dtype=torch.float64, requires_grad=True)
+            std = fn([x, other])[0, 1]
+            (g,) = torch.autograd.grad(std, x, create_graph=True)
+            return torch.autograd.grad(g[0], x)[0]
+
+        fast = hessian_row(lambda ts: weight_statistics(ts, normalize=True))
+        ref = hessian_row(lambda ts: torch.stack([_tensor_statistics(t, True, 1e-8) for t in ts]))
+        closed = (torch.eye(n, dtype=torch.float64)[0] - 1.0 / n) * (2.0 / n) / (2 * 1e-4)
+        torch.testing.assert_close(ref, closed, rtol=1e-9, atol=0)
+        torch.testing.assert_close(fast, closed, rtol=1e-6, atol=0)
 
 
 def test_lossmlp_shapes_and_zero_output():
