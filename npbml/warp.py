@@ -87,7 +87,7 @@ def dense_conv_matrix(weight: torch.Tensor, height: int, width: int) -> torch.Te
     """
     c_out, c_in, kh, kw = weight.shape
     p = height * width
-    taps = torch.tensor(_taps(height, width, kh, kw), device=weight.device)
+    taps = _taps(height, width, kh, kw, weight.device)
     table = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
     table = torch.cat([table, table.new_zeros(1, c_in, c_out)])  # the last entry: no tap
     dense = table[taps].view(p, p, c_in, c_out).permute(0, 2, 1, 3)
@@ -95,16 +95,17 @@ def dense_conv_matrix(weight: torch.Tensor, height: int, width: int) -> torch.Te
 
 
 @functools.lru_cache(maxsize=64)
-def _taps(height: int, width: int, kh: int, kw: int) -> tuple[int, ...]:
+def _taps(height: int, width: int, kh: int, kw: int, device: torch.device) -> torch.Tensor:
     """For each (input position, output position) pair, row-major, the flat kernel tap that
-    connects them, or ``kh * kw`` where none does."""
+    connects them, or ``kh * kw`` where none does. Kept per device: a host-to-GPU copy at every
+    call would synchronise."""
     positions = [(y, x) for y in range(height) for x in range(width)]
     out = []
     for yi, xi in positions:
         for yo, xo in positions:
             ky, kx = yi - yo + kh // 2, xi - xo + kw // 2
             out.append(ky * kw + kx if 0 <= ky < kh and 0 <= kx < kw else kh * kw)
-    return tuple(out)
+    return torch.tensor(out, device=device)
 
 
 class WarpLayer(nn.Module):
