@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _report import write_json  # scripts/ is on sys.path: run as a script, or by its test
+# scripts/ is on sys.path: run as a script, or by its test
+from _report import paired_ratio, write_json
 
 OWN = ("npbml", "tasks", "bench_npbml")
 
@@ -108,8 +109,8 @@ def _interleaved(
     ms = {k: statistics.median(v) for k, v in times.items()}
     a, b = names
 
-    def paired(x: str, y: str) -> float:  # median of the per-round ratios: drift cancels
-        return statistics.median(p / q for p, q in zip(times[x], times[y]))
+    def paired(x: str, y: str) -> float:
+        return paired_ratio(times[x], times[y])
 
     return {
         "ms": ms,

@@ -46,6 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from _report import paired_ratio  # scripts/ is on sys.path: run as a script, or imported
+
 REPO = Path(__file__).resolve().parents[1]
 MD_START, MD_END = "<!-- bench_npbml:start -->", "<!-- bench_npbml:end -->"
 
@@ -284,6 +286,10 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for v in NPBML_VARIANTS:
             tag = "" if v == "npbml" else "_frel"
             res[f"ratio_thread{tag}"] = res[v]["thread_s"] / res["maml"]["thread_s"]
+            # the median of each round's ratio: drift between rounds cancels (bench_ab.py)
+            res[f"ratio_thread_paired{tag}"] = paired_ratio(
+                [t for t, _ in times[v]], [t for t, _ in times["maml"]]
+            )
             res[f"ratio_wall{tag}"] = res[v]["wall_s"] / res["maml"]["wall_s"]
             res[f"ratio_thread_vs_best_maml{tag}"] = res[v]["thread_s"] / best
     out["anil"] = anil_headroom(s, train, args.steps)
@@ -301,12 +307,13 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{result['steps']} interleaved rounds after {result['warmup']} warm-up).",
         "",
         "NPBML: the image relation network (Sung et al.'s own encoder); NPBML-f: the relation "
-        "network on the backbone's frozen features. Ratios: thread time against MAML's "
-        "(against the faster MAML layout in brackets).",
+        "network on the backbone's frozen features. Ratios: thread time against MAML's, of the "
+        "medians (against the faster MAML layout in brackets) and paired (the median of each "
+        "round's ratio, in which drift between rounds cancels).",
         "",
         "| setting | what | MAML ms | MAML-cl ms | NPBML ms | NPBML-f ms | NPBML / MAML | "
-        "NPBML-f / MAML | NPBML-f / MAML (wall) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "NPBML-f / MAML | NPBML / MAML paired | NPBML-f / MAML paired | NPBML-f / MAML (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["settings"].items():
         for kind, label in (
@@ -319,7 +326,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
             lines.append(
                 f"| {name} | {label} | {ms} | {x['ratio_thread']:.2f}x "
                 f"({x['ratio_thread_vs_best_maml']:.2f}x) | {x['ratio_thread_frel']:.2f}x "
-                f"({x['ratio_thread_vs_best_maml_frel']:.2f}x) | {x['ratio_wall_frel']:.2f}x |"
+                f"({x['ratio_thread_vs_best_maml_frel']:.2f}x) | {x['ratio_thread_paired']:.2f}x | "
+                f"{x['ratio_thread_paired_frel']:.2f}x | {x['ratio_wall_frel']:.2f}x |"
             )
     settings = result["settings"].items()
     lines += _table(

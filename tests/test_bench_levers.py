@@ -68,3 +68,18 @@ def test_bench_ab_runs_two_checkouts_interleaved(tmp_path, monkeypatch):
     assert paired["npbml_over_maml:after"] == pytest.approx(ms["after:npbml"] / ms["after:maml"])
     assert result["variant"] == "npbml-frel"
     assert sys.modules["npbml.models"].Conv4 is before  # the test process's modules restored
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(monkeypatch):
+    # a drift that doubles both arms in the last two rounds: every round's ratio is 1.5
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from _report import paired_ratio
+
+    a, b = [3.0, 3.0, 3.0, 6.0, 6.0], [2.0, 2.0, 2.0, 4.0, 4.0]
+    assert paired_ratio(a, b) == 1.5
+    a, b = [1.0, 4.0, 9.0], [2.0, 2.0, 3.0]  # ratios 0.5, 2, 3: median 2; medians' ratio 2
+    assert paired_ratio(a, b) == 2.0
+    a, b = [1.0, 10.0, 3.0], [1.0, 2.0, 6.0]  # ratios 1, 5, 0.5: median 1; medians 3 / 2 = 1.5
+    assert paired_ratio(a, b) == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0], [1.0, 2.0])
