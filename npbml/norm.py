@@ -53,12 +53,10 @@ def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
         # spatial dims are slow in this layout either way, and PyTorch's kernel is no slower
         # (the demo's max-pool Conv4, whose adapted conv is not unfolded)
         return bn(z)
-    # Two passes (the mean, then the variance of z - mean), reduced over all non-channel dims
-    # at once: one reduction per statistic, fast when the channels are the innermost dimension
-    # in memory (the adapted blocks' layout, npbml.unfold and npbml.warp; PyTorch's reductions
-    # and broadcasts over tiny trailing spatial dimensions of NCHW maps are slow on CPU).
-    # The [N, *spatial, C] view, whose logical order is the memory order: reductions over
-    # the channel-strided [N, C, *spatial] view are 5x slower on large maps (14x14).
+    # Two passes (the mean, then the variance of z - mean), each one reduction over all
+    # non-channel dims of the [N, *spatial, C] view: its logical order is the memory order of
+    # channels-innermost z (the adapted blocks' layout, npbml.unfold and npbml.warp), where a
+    # reduction over the channel-strided [N, C, *spatial] view is up to 5x slower (14x14 maps).
     zl = z.movedim(1, -1) if z.dim() > 2 else z
     dims = tuple(range(zl.dim() - 1))
     n = z.numel() // z.shape[1]
