@@ -396,6 +396,7 @@ def run_pretrain_relation_network(
     log: Logger | None = None,
     backbone: str | Path | None = None,
     feature_blocks: int | None = None,
+    encoder_blocks: int = 0,
 ) -> tuple[PretrainResult, Path]:
     """The relation-network stage of an experiment: episodic pre-training on the config's task
     distribution (:func:`pretrain_relation`), written with :func:`~npbml.relation.save_relation`.
@@ -415,26 +416,15 @@ def run_pretrain_relation_network(
             "features")``) instead of embedding the images itself.
         feature_blocks: how many leading blocks (default all but the last, the blocks NPBML
             freezes by default).
+        encoder_blocks: with ``backbone``, conv blocks of the relation network's own on top of
+            the frozen features (``RelationNetwork(encoder_blocks=...)``).
 
     Returns:
         ``(result, path written)``.
     """
-    from npbml.models import build_model
-    from npbml.train import infer_model_kwargs
-
-    kwargs = {**infer_model_kwargs(config, tasksets), **config.model.options}
-    features = None
-    if backbone is None:
-        in_channels = int(kwargs.get("in_channels", 1))
-        relation = RelationNetwork(channels=channels, in_channels=in_channels, hidden=hidden)
-    else:
-        model = build_model(config.model.name, **kwargs)
-        load_backbone_weights(model, backbone)
-        k = len(getattr(model, "blocks", ())) - 1 if feature_blocks is None else feature_blocks
-        features, width = backbone_features(model.to(device), k)
-        relation = RelationNetwork(
-            channels=width, hidden=hidden, reads="features", feature_blocks=k
-        )
+    relation, features = _new_relation(
+        config, tasksets, channels, hidden, backbone, feature_blocks, encoder_blocks, device
+    )
     result = pretrain_relation(
         relation,
         tasksets.train,
@@ -452,3 +442,41 @@ def run_pretrain_relation_network(
         relation.cpu(), out, val_accuracy=result.best_accuracy, config_used=config.to_dict()
     )
     return result, path
+
+
+def _new_relation(
+    config: Any,
+    tasksets: Any,
+    channels: int,
+    hidden: int,
+    backbone: str | Path | None,
+    feature_blocks: int | None,
+    encoder_blocks: int,
+    device: torch.device | str,
+) -> tuple[RelationNetwork, Features | None]:
+    """A fresh relation network for :func:`run_pretrain_relation_network` and, when it reads a
+    backbone's features, the frozen feature map it reads (else ``None``)."""
+    from npbml.models import build_model
+    from npbml.train import infer_model_kwargs
+
+    if encoder_blocks and backbone is None:
+        raise ValueError(
+            f"encoder_blocks={encoder_blocks} stacks blocks on a backbone's features: pass "
+            "backbone= (`--backbone CKPT`) or drop encoder_blocks"
+        )
+    kwargs = {**infer_model_kwargs(config, tasksets), **config.model.options}
+    if backbone is None:
+        in_channels = int(kwargs.get("in_channels", 1))
+        return RelationNetwork(channels=channels, in_channels=in_channels, hidden=hidden), None
+    model = build_model(config.model.name, **kwargs)
+    load_backbone_weights(model, backbone)
+    k = len(getattr(model, "blocks", ())) - 1 if feature_blocks is None else feature_blocks
+    features, width = backbone_features(model.to(device), k)
+    relation = RelationNetwork(
+        channels=width,
+        hidden=hidden,
+        reads="features",
+        feature_blocks=k,
+        encoder_blocks=encoder_blocks,
+    )
+    return relation, features

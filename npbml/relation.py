@@ -72,6 +72,10 @@ class RelationNetwork(nn.Module):
             are already embedded: the default encoder is the identity).
         feature_blocks: with ``reads="features"``, how many leading backbone blocks made the
             features; :class:`~npbml.algorithms.NPBML` checks it against its frozen blocks.
+        encoder_blocks: with ``reads="features"``, conv3x3-BN-ReLU blocks of the network's own
+            (``channels`` wide, no pooling) between the frozen features and the relation module:
+            a learned embedding for comparing, where the backbone's was learned for classifying.
+            ``0`` (default) scores the features as they are.
     """
 
     def __init__(
@@ -82,10 +86,16 @@ class RelationNetwork(nn.Module):
         hidden: int = 8,
         reads: str = "images",
         feature_blocks: int | None = None,
+        encoder_blocks: int = 0,
     ) -> None:
         super().__init__()
         if reads not in ("images", "features"):
             raise ValueError(f"reads must be 'images' or 'features', got {reads!r}")
+        if int(encoder_blocks) < 0 or (encoder_blocks and reads != "features"):
+            raise ValueError(
+                "encoder_blocks (own blocks on top of backbone features) must be >= 0 and needs "
+                f"reads='features', got encoder_blocks={encoder_blocks!r} with reads={reads!r}"
+            )
         if reads == "features" and (feature_blocks is None or int(feature_blocks) < 1):
             raise ValueError(
                 "a relation network that reads backbone features needs feature_blocks >= 1 "
@@ -102,10 +112,16 @@ class RelationNetwork(nn.Module):
         }
         if reads == "features":
             self.config.update(reads=reads, feature_blocks=self.feature_blocks)
+        if encoder_blocks:
+            self.config.update(encoder_blocks=int(encoder_blocks))
         self.has_default_encoder = encoder is None
         if encoder is None:
-            features = reads == "features"
-            encoder = nn.Identity() if features else conv_embedding(in_channels, channels)
+            if reads == "images":
+                encoder = conv_embedding(in_channels, channels)
+            elif encoder_blocks:
+                encoder = conv_embedding(channels, channels, int(encoder_blocks), pooled_blocks=0)
+            else:
+                encoder = nn.Identity()
         self.encoder = encoder
 
         def block(cin: int) -> list[nn.Module]:
@@ -123,7 +139,8 @@ class RelationNetwork(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps ``[B, C, H, W]`` (flat encoder outputs become ``[B, C, 1, 1]``)."""
-        if x.device.type == "cpu" and self.has_default_encoder and self.reads == "images":
+        own = self.has_default_encoder and not isinstance(self.encoder, nn.Identity)
+        if x.device.type == "cpu" and own:
             # CPU convolutions and max-pooling are much faster channels-last; a 1-channel input
             # cannot signal that layout (it is NCHW and NHWC at once), so the weights carry it
             # (npbml.layout: 5x for the 1-channel first convolution at 28x28).

@@ -67,13 +67,21 @@ def base_row(row: str) -> str:
 
 # Not an NPBML option but the relation network a row uses: "full/relation=features" scores the
 # backbone's frozen features (`npbml pretrain-relation --backbone`, RelationNetwork(reads=
-# "features")) instead of the default image relation network (issue 13).
+# "features")) instead of the default image relation network (issue 13); "relation=features+K"
+# puts K conv blocks of the relation network's own on top of them (`--encoder-blocks K`).
 FEATURE_RELATION = "relation=features"
+
+
+def _feature_token(row: str) -> str | None:
+    tokens = row.split(OPTION_SEP)[1:]
+    hits = [kv for kv in tokens if kv.split("+", 1)[0] == FEATURE_RELATION]
+    return hits[0] if hits else None
 
 
 def row_options(row: str) -> list[str]:
     """The ``KEY=VALUE`` NPBML option overrides of a variant row (empty for a plain row)."""
-    return [kv for kv in row.split(OPTION_SEP)[1:] if kv != FEATURE_RELATION]
+    token = _feature_token(row)
+    return [kv for kv in row.split(OPTION_SEP)[1:] if kv != token]
 
 
 def _feature_relation_text(args: argparse.Namespace) -> str:
@@ -81,12 +89,25 @@ def _feature_relation_text(args: argparse.Namespace) -> str:
     if not any(reads_features(r) for r in args.rows):
         return ""
     steps = getattr(args, "relation_features_steps", None) or args.relation_steps
-    return f", on the backbone's frozen features (relation=features rows) {steps} steps"
+    own = "; relation=features+K adds K conv blocks of its own"
+    own = own if any(encoder_blocks(r) for r in args.rows) else ""
+    return f", on the backbone's frozen features (relation=features rows{own}) {steps} steps"
 
 
 def reads_features(row: str) -> bool:
     """Whether a row uses the relation network on the backbone's frozen features."""
-    return FEATURE_RELATION in row.split(OPTION_SEP)[1:]
+    return _feature_token(row) is not None
+
+
+def encoder_blocks(row: str) -> int:
+    """The feature relation network's own conv blocks (``relation=features+K`` -> ``K``)."""
+    token = _feature_token(row)
+    if token is None or "+" not in token:
+        return 0
+    k = token.split("+", 1)[1]
+    if not k.isdigit():
+        raise ValueError(f"{token!r}: write relation=features+K with K a number of blocks")
+    return int(k)
 
 
 # Nearest-prototype rows -> distance ("proto" is short for the cosine one).
@@ -162,18 +183,14 @@ def pretrain(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
             )
         for j in jobs:
             j.result()
-    f_steps = getattr(args, "relation_features_steps", None) or args.relation_steps
-    suffix = "" if f_steps == args.relation_steps else f"_{f_steps}"
-    feature_relation = out / f"relation_features{suffix}.pt"
-    if any(reads_features(r) for r in args.rows) and not feature_relation.exists():
-        cmd = ["pretrain-relation", "--config", args.config, "--out", str(feature_relation)]
-        cmd += ["--backbone", str(backbone), "--steps", str(f_steps)]
-        cmd += ["--eval-every", str(min(100, f_steps)), "--seed", str(seed)]
-        npbml(*_with_sets(cmd, data_sets), log=out / "pretrain_relation_features.log")
+    feature_relations = {
+        k: _feature_relation(args, seed, out, backbone, k, data_sets)
+        for k in sorted({encoder_blocks(r) for r in args.rows if reads_features(r)})
+    }
     return {
         "backbone": str(backbone),
         "relation": str(relation) if need_relation else None,
-        "relation_features": str(feature_relation),
+        "relation_features": {k: str(p) for k, p in feature_relations.items()},
         "recipe": (
             f"{args.pretrain_steps} steps x batch {args.pretrain_batch}, lr {args.pretrain_lr:g}, "
             f"best of validation every {args.pretrain_eval_every} steps "
@@ -182,6 +199,22 @@ def pretrain(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
         "relation_steps": args.relation_steps if need_relation else 0,
         "pretrain_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def _feature_relation(
+    args: argparse.Namespace, seed: int, out: Path, backbone: Path, blocks: int, sets: list[str]
+) -> Path:
+    """The feature relation network with ``blocks`` own blocks of ``seed`` (reused if there)."""
+    steps = getattr(args, "relation_features_steps", None) or args.relation_steps
+    suffix = "" if steps == args.relation_steps else f"_{steps}"
+    path = out / f"relation_features{f'_b{blocks}' if blocks else ''}{suffix}.pt"
+    if not path.exists():
+        cmd = ["pretrain-relation", "--config", args.config, "--out", str(path)]
+        cmd += ["--backbone", str(backbone), "--steps", str(steps)]
+        cmd += ["--eval-every", str(min(100, steps)), "--seed", str(seed)]
+        cmd += ["--encoder-blocks", str(blocks)] if blocks else []
+        npbml(*_with_sets(cmd, sets), log=out / f"{path.stem}.log")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +310,15 @@ def trained_row(
 
     name = "maml" if row == "maml" else row.replace(":", "_").replace("+", "plus_")
     name = name.replace(OPTION_SEP, "__").replace("=", "-")
-    relation = pre["relation_features"] if reads_features(row) else pre["relation"]
-    if reads_features(row) and Path(relation).stem != "relation_features":
-        name += Path(relation).stem.removeprefix("relation_features")  # e.g. "_1000" steps
+    features = reads_features(row)
+    relation = pre["relation_features"][encoder_blocks(row)] if features else pre["relation"]
+    if features and Path(relation).stem.startswith("relation_features_"):
+        # The steps suffix ("_1000"); the blocks are in the row's name already.
+        name += (
+            Path(relation)
+            .stem.removeprefix("relation_features")
+            .replace(f"_b{encoder_blocks(row)}", "", 1)
+        )
     run, log = out / name, out / f"{name}.log"
     sets = [
         f"train.meta_steps={args.meta_steps}",

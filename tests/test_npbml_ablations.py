@@ -168,3 +168,9 @@ def test_relation_features_is_a_row_switch_not_an_npbml_option(ab) -> None:
     assert ab.base_row(row) == "full"
     assert ab.row_options(row) == ["head_init=proto"]
     assert ab.reads_features(row) and not ab.reads_features("full/head_init=proto")
+    assert ab.encoder_blocks(row) == 0
+    row = "full/relation=features+2/head_init=proto"
+    assert ab.row_options(row) == ["head_init=proto"]
+    assert ab.reads_features(row) and ab.encoder_blocks(row) == 2
+    with pytest.raises(ValueError, match="relation=features\\+K"):
+        ab.encoder_blocks("full/relation=features+x")

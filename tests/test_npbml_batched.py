@@ -42,14 +42,21 @@ def _batch(n: int = 3, seed: int = 0) -> Episode:
     return Episode.stack([_task(seed + i) for i in range(n)])
 
 
-def _pair(variant: str = "maxpool", **kw) -> tuple[NPBML, NPBML]:
-    """The same learner twice (equal weights): batched and task by task, float64."""
+def _pair(variant: str = "maxpool", encoder_blocks: int | None = None, **kw) -> tuple[NPBML, NPBML]:
+    """The same learner twice (equal weights): batched and task by task, float64. With
+    ``encoder_blocks`` the relation network reads the frozen features (with that many own
+    blocks) instead of the images."""
     out = []
     for batch_tasks in (True, False):
         torch.manual_seed(0)
         model = Conv4(hidden=4, image_size=16, num_classes=WAYS, variant=variant)
         torch.manual_seed(1)
-        rel = RelationNetwork(channels=4, in_channels=1)
+        if encoder_blocks is None:
+            rel = RelationNetwork(channels=4, in_channels=1)
+        else:
+            rel = RelationNetwork(
+                channels=4, reads="features", feature_blocks=3, encoder_blocks=encoder_blocks
+            )
         learner = NPBML(
             model,
             inner_steps=3,
@@ -118,6 +125,21 @@ def test_batched_equals_per_task_with_the_adapted_input_unfolded(kw):
     g_p, m_p = _meta_grads(per_task, batch)
     _assert_close(g_b, g_p)
     e_b, e_p = batched.evaluate(batch), per_task.evaluate(batch)
+    assert max(abs(a - b) for a, b in zip(e_b["losses"], e_p["losses"])) <= TOL
+
+
+@pytest.mark.parametrize("encoder_blocks", [0, 1])
+def test_batched_equals_per_task_with_a_feature_relation(encoder_blocks):
+    """The relation network on the frozen features (issue 13's option), bare or with its own
+    conv block: the same meta-gradients and test predictions on both paths."""
+    batched, per_task = _pair(encoder_blocks=encoder_blocks)
+    assert batched.relation_reads_features
+    batch = _batch()
+    g_b, _ = _meta_grads(batched, batch)
+    g_p, _ = _meta_grads(per_task, batch)
+    _assert_close(g_b, g_p)
+    e_b, e_p = batched.evaluate(batch), per_task.evaluate(batch)
+    assert e_b["accuracies"] == e_p["accuracies"]
     assert max(abs(a - b) for a, b in zip(e_b["losses"], e_p["losses"])) <= TOL
 
 

@@ -68,9 +68,7 @@ def test_npbml_scores_its_own_frozen_features_with_a_feature_relation():
     # and an image relation network is not handed features
     image_rel = RelationNetwork(channels=4, in_channels=1)
     image_learner = NPBML(_model(), relation_net=image_rel)
-    torch.testing.assert_close(
-        image_learner.relation_scores(sx, sy, qx), image_rel(sx, sy, qx, 3)
-    )
+    torch.testing.assert_close(image_learner.relation_scores(sx, sy, qx), image_rel(sx, sy, qx, 3))
 
 
 def test_npbml_refuses_features_of_other_blocks():
@@ -95,7 +93,13 @@ def test_feature_relation_pretraining_keeps_the_backbone_and_roundtrips(tmp_path
     relation = RelationNetwork(channels=width, reads="features", feature_blocks=3)
     start = {k: v.clone() for k, v in relation.state_dict().items()}
     res = pretrain_relation(
-        relation, sampler, steps=6, lr=1e-2, val_source=sampler, val_episodes=2, eval_every=3,
+        relation,
+        sampler,
+        steps=6,
+        lr=1e-2,
+        val_source=sampler,
+        val_episodes=2,
+        eval_every=3,
         features=features,
     )
     assert np.isfinite(res.best_accuracy)
@@ -127,15 +131,60 @@ def test_cli_pretrains_a_feature_relation_that_npbml_loads(tmp_path):
     assert run_pretrain(p.parse_args([*common, "--out", str(tmp_path / "bb.pt")])) == 0
     p = argparse.ArgumentParser()
     add_relation_arguments(p)
+    with pytest.raises(ValueError, match="pass backbone="):
+        run_pretrain_relation(
+            p.parse_args([*common, "--out", str(tmp_path / "x.pt"), "--encoder-blocks", "1"])
+        )
     args = p.parse_args(
         [*common, "--out", str(tmp_path / "r.pt"), "--backbone", str(tmp_path / "bb.pt")]
+        + ["--encoder-blocks", "1"]
     )
     assert run_pretrain_relation(args) == 0
     rel = load_relation(tmp_path / "r.pt")
     assert (rel.reads, rel.feature_blocks, rel.channels) == ("features", 3, 4)
+    assert rel.config["encoder_blocks"] == 1
     learner = build_npbml(
         Conv4(1, 3, hidden=4, image_size=16),
         backbone_checkpoint=str(tmp_path / "bb.pt"),
         relation_checkpoint=str(tmp_path / "r.pt"),
     )
     assert learner.relation_reads_features
+
+
+def test_own_encoder_blocks_are_a_plain_conv_block_before_the_relation_module(tmp_path):
+    """``encoder_blocks=1``: a conv3x3-BN-ReLU block (batch statistics over the whole episode)
+    on the frozen features, then the same relation module as without it; written by hand."""
+    model = _model()
+    torch.manual_seed(2)
+    relation = RelationNetwork(channels=6, reads="features", feature_blocks=3, encoder_blocks=1)
+    plain = RelationNetwork(channels=6, reads="features", feature_blocks=3)
+    plain.load_state_dict(
+        {k: v for k, v in relation.state_dict().items() if not k.startswith("encoder.")}
+    )
+    sx, sy, qx = _episode()
+    with torch.no_grad():
+        h = torch.cat([sx, qx])
+        for b in model.blocks[:3]:
+            h = b(h)
+        conv = relation.encoder[0]
+        e = torch.nn.functional.conv2d(h, conv.weight, conv.bias, padding=1)
+        mean = e.mean(dim=(0, 2, 3), keepdim=True)
+        var = e.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        bn = relation.encoder[1]
+        e = (e - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1)
+        e = (e + bn.bias.view(1, -1, 1, 1)).relu()
+        expected = plain(e[: len(sx)], sy, e[len(sx) :], 3)
+    learner = NPBML(model, relation_net=relation)
+    torch.testing.assert_close(learner.relation_scores(sx, sy, qx), expected)
+    again = load_relation(save_relation(relation, tmp_path / "rel.pt"))
+    assert again.config["encoder_blocks"] == 1
+    torch.testing.assert_close(
+        NPBML(_model(), relation_net=again).relation_scores(sx, sy, qx), expected
+    )
+
+
+def test_own_encoder_blocks_need_features():
+    with pytest.raises(ValueError, match="needs reads='features'"):
+        RelationNetwork(channels=4, encoder_blocks=1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        RelationNetwork(channels=4, reads="features", feature_blocks=3, encoder_blocks=-1)

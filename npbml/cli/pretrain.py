@@ -69,6 +69,13 @@ def add_relation_arguments(p: argparse.ArgumentParser) -> None:
         help="with --backbone: leading blocks whose features are scored (default: all but the "
         "last, NPBML's frozen blocks)",
     )
+    p.add_argument(
+        "--encoder-blocks",
+        type=int,
+        default=0,
+        help="with --backbone: conv blocks of the relation network's own on top of the frozen "
+        "features (default 0: score the features as they are)",
+    )
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, int, torch.device]:
@@ -145,6 +152,7 @@ def run_pretrain_relation(args: argparse.Namespace) -> int:
         log=_printer,
         backbone=args.backbone,
         feature_blocks=args.feature_blocks,
+        encoder_blocks=args.encoder_blocks,
     )
     print(f"best validation relation accuracy {result.best_accuracy:.4f}; wrote {path}")
     return 0
