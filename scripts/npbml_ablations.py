@@ -88,10 +88,17 @@ def _feature_relation_text(args: argparse.Namespace) -> str:
     """The feature relation network's recipe, for a run with ``relation=features`` rows."""
     if not any(reads_features(r) for r in args.rows):
         return ""
-    steps = getattr(args, "relation_features_steps", None) or args.relation_steps
+    steps, _ = _feature_steps(args)
     own = "; relation=features+K adds K conv blocks of its own"
     own = own if any(encoder_blocks(r) for r in args.rows) else ""
     return f", on the backbone's frozen features (relation=features rows{own}) {steps} steps"
+
+
+def _feature_steps(args: argparse.Namespace) -> tuple[int, str]:
+    """The feature relation networks' pre-training steps, and the suffix that marks them in file
+    and run names when they differ from the image network's (``"_1000"``; else ``""``)."""
+    steps = getattr(args, "relation_features_steps", None) or args.relation_steps
+    return steps, "" if steps == args.relation_steps else f"_{steps}"
 
 
 def reads_features(row: str) -> bool:
@@ -205,8 +212,7 @@ def _feature_relation(
     args: argparse.Namespace, seed: int, out: Path, backbone: Path, blocks: int, sets: list[str]
 ) -> Path:
     """The feature relation network with ``blocks`` own blocks of ``seed`` (reused if there)."""
-    steps = getattr(args, "relation_features_steps", None) or args.relation_steps
-    suffix = "" if steps == args.relation_steps else f"_{steps}"
+    steps, suffix = _feature_steps(args)
     path = out / f"relation_features{f'_b{blocks}' if blocks else ''}{suffix}.pt"
     if not path.exists():
         cmd = ["pretrain-relation", "--config", args.config, "--out", str(path)]
@@ -312,13 +318,8 @@ def trained_row(
     name = name.replace(OPTION_SEP, "__").replace("=", "-")
     features = reads_features(row)
     relation = pre["relation_features"][encoder_blocks(row)] if features else pre["relation"]
-    if features and Path(relation).stem.startswith("relation_features_"):
-        # The steps suffix ("_1000"); the blocks are in the row's name already.
-        name += (
-            Path(relation)
-            .stem.removeprefix("relation_features")
-            .replace(f"_b{encoder_blocks(row)}", "", 1)
-        )
+    if features:
+        name += _feature_steps(args)[1]  # the blocks are in the row's name already
     run, log = out / name, out / f"{name}.log"
     sets = [
         f"train.meta_steps={args.meta_steps}",
