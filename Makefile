@@ -40,19 +40,21 @@ check-wheel: setup
 lint: setup
 	$(BIN)/ruff check npbml tasks scripts tests
 
-# Structure (issue 16; ../shared/docs/ARCHITECTURE.md): no import cycles and no function over 100
-# lines in npbml/ and tasks/ (the shared tool; CI clones with ../shared beside the clone), and the
-# layering contracts of .importlinter (library code never imports a driver; tasks/ never npbml).
+# Structure: import-linter's contracts (.importlinter: no import cycles among the modules and
+# packages of npbml/ and tasks/, function-level imports included; library code never imports a
+# driver; tasks/ never npbml) and no function over 80 lines (scripts/tools/function_length.py).
 structure: setup
-	$(PYTHON) ../shared/tools/structure_check.py 100
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/tools/function_length.py --max 80 npbml tasks
 
 # Static types of npbml/ and tasks/ ([tool.mypy] in pyproject.toml); part of `make test`.
 typecheck: setup
 	$(BIN)/mypy
 
+# NPBML_REQUIRE_DATA=1: a test skipped for missing data fails instead (tests/conftest.py); every
+# real-data test reads the Omniglot zips bundled with the package, so nothing may skip for data.
 test: setup lint structure typecheck
-	$(BIN)/python -m pytest -q --ignore=tests/l2l
+	NPBML_REQUIRE_DATA=1 $(BIN)/python -m pytest -q --ignore=tests/l2l
 	@$(MAKE) --no-print-directory check-wheel
 ifeq ($(L2L),0)
 	@echo "make test: SKIPPED the learn2learn tests (tests/l2l) because L2L=0; CI runs them"
@@ -66,7 +68,7 @@ test-l2l:
 	  echo "make test: ERROR: building the learn2learn venv $(L2L_VENV) failed (failed step above)." >&2; \
 	  echo "  tests/l2l are a required part of make test: fix the build (docs/learn2learn.md), or skip" >&2; \
 	  echo "  them for a local run with: make test L2L=0" >&2; exit 1; }
-	PYTHONPATH="$(CURDIR)" $$(command -v flock >/dev/null && echo flock -s "$(dir $(L2L_VENV))") \
+	NPBML_REQUIRE_DATA=1 PYTHONPATH="$(CURDIR)" $$(command -v flock >/dev/null && echo flock -s "$(dir $(L2L_VENV))") \
 	  "$(L2L_VENV)/bin/python" -m pytest -q tests/l2l
 
 clean:

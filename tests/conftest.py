@@ -4,24 +4,64 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+from tasks.omniglot import PACKAGED_ROOT, PACKAGED_SPLITS
 
 # tests/l2l need learn2learn, which lives in its own venv (scripts/install_learn2learn.sh; `make
 # test` runs them there); without it they are not collected.
 collect_ignore = [] if importlib.util.find_spec("learn2learn") else ["l2l"]
 
-# The repository and the read-only data folder sit side by side (/work/main and /work/shared
-# locally; CI clones the repository with ../shared beside it).
-OMNIGLOT_ROOT = Path(os.path.abspath(__file__)).parents[2] / "shared/data/omniglot"
+# Real-data tests read the Omniglot minimal splits that ship inside the package (the path the
+# loader reads when no root is given), so a plain clone runs every one of them.
+OMNIGLOT_ROOT = PACKAGED_ROOT
+
+#: Set by `make test` and `.ci/run` (and implied by ``CI``): a test that would skip because its
+#: data is missing fails instead, so a lost data file cannot turn real-data tests into quiet skips.
+REQUIRE_DATA_ENV = "NPBML_REQUIRE_DATA"
+
+#: Words in a skip reason that mark it as "data missing" (see :func:`pytest_runtest_makereport`).
+_DATA_SKIP = re.compile(r"(?i)\b(data|dataset|zip|not found|missing)\b")
+
+
+def require_data() -> bool:
+    """Whether a skip for missing data must fail this run (``NPBML_REQUIRE_DATA=1`` or ``CI``)."""
+    flag = os.environ.get(REQUIRE_DATA_ENV) or os.environ.get("CI") or ""
+    return flag.strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_missing_data(reason: str) -> NoReturn:
+    """Skip the calling test because its data is absent, or fail it where data is required."""
+    if require_data():
+        pytest.fail(f"{reason} ({REQUIRE_DATA_ENV} or CI is set: missing data is a failure)")
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Under :func:`require_data`, turn any skip whose reason reads as "data missing" into a
+    failure, whichever helper raised it, so a new data-dependent skip cannot pass CI quietly."""
+    report = yield
+    if report.skipped and require_data() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if _DATA_SKIP.search(reason):
+            report.outcome = "failed"
+            why = f"skipped for missing data while {REQUIRE_DATA_ENV}/CI is set: {reason}"
+            report.longrepr = why
+    return report
 
 
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
-    """The real Omniglot minimal splits (images_background_small1/2.zip); skip if absent."""
-    if not OMNIGLOT_ROOT.is_dir():
-        pytest.skip(f"real Omniglot data not found at {OMNIGLOT_ROOT}")
+    """The real Omniglot minimal splits (images_background_small1/2.zip), bundled in the package."""
+    for split in PACKAGED_SPLITS:
+        path = OMNIGLOT_ROOT / f"images_{split}.zip"
+        if not path.is_file():
+            skip_missing_data(f"real Omniglot data not found at {path}")
     return OMNIGLOT_ROOT
 
 

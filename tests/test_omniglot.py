@@ -1,4 +1,5 @@
-"""tasks.omniglot on the real minimal splits (shared/data/omniglot) and on generated fixtures."""
+"""tasks.omniglot on the real minimal splits (the zips bundled in tasks/data/omniglot/) and on
+generated fixtures."""
 
 from __future__ import annotations
 
@@ -480,15 +481,16 @@ def test_within_alphabet_through_the_experiment_config(omniglot_root: Path, mini
 # ------------------------------------------------------------------------ bundled data (issue 14)
 
 
-def test_bundled_zips_are_the_shared_ones(omniglot_root: Path) -> None:
-    """The package ships the two minimal zips, byte-identical to the official ones, with Lake's
-    licence beside them."""
+def test_bundled_zips_are_what_a_rootless_loader_reads(omniglot_root: Path) -> None:
+    """The package ships the two minimal zips (official md5, checked above), with Lake's licence
+    beside them, and ``root=None`` reads exactly those files."""
     from tasks.omniglot import PACKAGED_ROOT, PACKAGED_SPLITS, packaged_split
 
+    assert omniglot_root == PACKAGED_ROOT
     for split in PACKAGED_SPLITS:
         path = packaged_split(split)
-        assert path.parent == PACKAGED_ROOT
-        assert path.read_bytes() == (omniglot_root / path.name).read_bytes()
+        assert path.parent == PACKAGED_ROOT and path.is_file()
+        assert Omniglot(None, split).source == path
     licence = (PACKAGED_ROOT / "LICENSE").read_text()
     assert "MIT" in licence and "Brenden Lake" in licence
 
