@@ -53,6 +53,7 @@ from npbml.evomal import EvolvedLoss, load_evolved_loss
 from npbml.inner import InnerSGD
 from npbml.loss_learning import ML3, AdaLFL
 from npbml.losses import LearnedLoss, sparse_label_smoothing
+from npbml.models import build_model
 from tasks.idx import load_idx_float
 
 SPLIT_SEED = 12345
@@ -66,27 +67,22 @@ LEARNED = ("ml3", "adalfl", "ml3_guarded", "adalfl_guarded")
 
 
 def make_model(name: str) -> nn.Module:
-    """logistic / mlp / lenet5, Xavier-uniform weights and zero biases (the reference's init)."""
-    if name == "logistic":
-        model: nn.Module = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    elif name == "mlp":
-        model = nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 10),
-        )  # fmt: skip
-    elif name == "lenet5":
-        model = nn.Sequential(
-            nn.Conv2d(1, 6, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), nn.Tanh(),
-            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 120), nn.Tanh(), nn.Linear(120, 84),
-            nn.Tanh(), nn.Linear(84, 10),
-        )  # fmt: skip
-    else:
+    """logistic / mlp / lenet5, Xavier-uniform weights and zero biases (the reference's init).
+
+    LeNet-5 and the logistic model are the library's (:mod:`npbml.models.classic`), which
+    ``npbml fit`` offers too; the MLP is this protocol's own."""
+    if name in ("logistic", "lenet5"):
+        return build_model(name, num_classes=10)
+    if name != "mlp":
         raise ValueError(f"unknown model {name!r}; use logistic, mlp or lenet5")
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 10),
+    )  # fmt: skip
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)
     return model
 
 

@@ -121,7 +121,7 @@ def test_split_params():
 
 
 def test_build_model_errors():
-    assert available_models() == ["conv4", "resnet12"]
+    assert available_models() == ["conv4", "lenet5", "logistic", "resnet12"]
     assert isinstance(build_model("Conv4", hidden=8), nn.Module)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vgg")
@@ -228,3 +228,41 @@ def test_conv_block_without_grad_equals_with_grad():
     block.relu = torch.nn.Tanh()
     with torch.no_grad():
         assert float(block(x).min()) < 0
+
+
+def _reference_lenet5() -> nn.Sequential:
+    """LeNet-5 written out layer by layer (tanh, average pooling, no padding, 120-84-10)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), nn.Tanh(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 120), nn.Tanh(), nn.Linear(120, 84),
+        nn.Tanh(), nn.Linear(84, 10),
+    )  # fmt: skip
+
+
+def test_lenet5_is_the_papers_network_layer_for_layer():
+    from npbml.models import LeNet5
+
+    model = build_model("lenet5", num_classes=10)
+    assert isinstance(model, LeNet5)
+    # 156 + 2416 + 30840 + 10164 + 850 parameters: the two convs and three linear layers.
+    assert sum(p.numel() for p in model.parameters()) == 44426
+    ref = _reference_lenet5()
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), ref.parameters()):
+            theirs.copy_(mine)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(model(x), ref(x))
+    assert model.features(x).shape == (3, 84)
+    assert all(float(b.abs().max()) == 0 for n, b in model.named_parameters() if "bias" in n)
+    assert build_model("lenet5", num_classes=4, in_channels=3, image_size=32)(
+        torch.zeros(2, 3, 32, 32)
+    ).shape == (2, 4)
+    with pytest.raises(ValueError, match="image_size >= 16"):
+        LeNet5(image_size=12)
+
+
+def test_logistic_is_one_linear_layer_on_the_pixels():
+    model = build_model("logistic", num_classes=10, in_features=784)
+    assert sum(p.numel() for p in model.parameters()) == 7850
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(model(x), x.flatten(1) @ model.head.weight.T + model.head.bias)
