@@ -173,6 +173,7 @@ def train_run(
                 weight_decay=opt["weight_decay"],
                 meta_lr=1e-3,
                 guard=guard,
+                horizon=args.horizon,
             )
             learner.offline_init(offline_pairs(it, args.offline_steps), args.offline_steps)
             current = next(it)
@@ -306,7 +307,7 @@ def trajectory(args: argparse.Namespace, data: dict, loss: str) -> dict[str, Any
     if loss == "adalfl":
         learner = AdaLFL(model, LearnedLoss(), base_lr=lr, momentum=opt["momentum"],
                          nesterov=opt["nesterov"], weight_decay=opt["weight_decay"],
-                         meta_lr=1e-3, guard=False)  # fmt: skip
+                         meta_lr=1e-3, guard=False, horizon=args.horizon)  # fmt: skip
         learner.offline_init(offline_pairs(it, args.offline_steps), args.offline_steps)
         loss_fn: Callable = learner.loss
         current = next(it)
@@ -424,6 +425,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--offline-steps", type=int, default=250)
     ap.add_argument("--base", choices=["sgd", "nesterov"], default="nesterov")
+    ap.add_argument(
+        "--horizon", choices=["step", "momentum"], default="step",
+        help="AdaLFL's look-ahead: the next step (the paper's) or the momentum's (npbml.inner)",
+    )  # fmt: skip
     ap.add_argument("--val-size", type=int, default=10000)
     ap.add_argument(
         "--evolved",

@@ -198,3 +198,95 @@ def test_readme_online_loss_learning_example_runs():
     assert adalfl.model is model and adalfl.loss is not adalfl.loss_net  # guarded by default
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert scope["base_loss"] > 0 and scope["meta_loss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}),
+        (torch.optim.Adam, {"lr": 1e-2}),
+        (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    ],
+)
+def test_users_own_optimizer_takes_the_step_and_keeps_its_state(cls, kwargs):
+    """With a frozen loss network, AdaLFL over the user's optimizer trains exactly as that
+    optimizer on the loss does, and the optimizer's momentum/moment buffers equal those of a
+    plain torch.optim run step for step (never dropped, never desynchronised)."""
+    torch.manual_seed(5)
+    model = nn.Linear(3, 3)
+    reference = copy.deepcopy(model)
+    loss_net = LearnedLoss(hidden=(6, 6))
+    opt = cls(model.parameters(), **kwargs)
+    ref_opt = cls(reference.parameters(), **kwargs)
+    adalfl = AdaLFL(model, loss_net, meta_lr=0.0, guard=False, optimizer=opt)
+    assert adalfl.optimizer is opt
+    batches = [_data(seed=s) for s in range(6)]
+    for t in range(5):
+        adalfl.step(batches[t], batches[t + 1])
+        ref_opt.zero_grad()
+        loss_net(reference(batches[t][0]), batches[t][1]).backward()
+        ref_opt.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            for key, value in ref_opt.state[q].items():
+                torch.testing.assert_close(opt.state[p][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_schedule_on_the_optimizer_reaches_the_step():
+    torch.manual_seed(6)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    adalfl = AdaLFL(model, LearnedLoss(hidden=(4,)), meta_lr=0.0, guard=False, optimizer=opt)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)  # lr 0 from the start: no move
+    w = model.weight.detach().clone()
+    adalfl.step(_data(seed=0), _data(seed=1))
+    assert torch.equal(model.weight, w)
+    adalfl.set_base_lr(0.5)
+    assert opt.param_groups[0]["lr"] == 0.5 and adalfl.base_optimizer.learning_rates() == 0.5
+    adalfl.step(_data(seed=0), _data(seed=1))
+    assert not torch.equal(model.weight, w)
+
+
+def test_step_reports_cross_entropy_and_the_logit_gradient_against_ce():
+    torch.manual_seed(7)
+    model = nn.Linear(3, 4)
+    loss_net = LearnedLoss(hidden=(5, 5))
+    adalfl = AdaLFL(model, loss_net, meta_lr=0.0, guard=False)
+    x, y = _data(c=4, seed=2)
+    z = model(x).detach().requires_grad_()
+    (g,) = torch.autograd.grad(loss_net(z, y), z)
+    g_ce = (torch.softmax(z.detach(), -1) - nn.functional.one_hot(y, 4)) / len(y)
+    expected_ce = float(nn.functional.cross_entropy(z.detach(), y))
+    adalfl.step((x, y), _data(c=4, seed=3))
+    info = adalfl.last_step
+    assert info.ce == pytest.approx(expected_ce, rel=1e-6)
+    assert info.grad_ratio == pytest.approx(float(g.norm() / g_ce.norm()), rel=1e-5)
+    cos = float((g * g_ce).sum() / (g.norm() * g_ce.norm()))
+    assert info.grad_cosine == pytest.approx(cos, rel=1e-5, abs=1e-7)
+
+
+def test_resume_restores_the_base_optimizer_state():
+    torch.manual_seed(8)
+    model = nn.Linear(3, 3)
+    adalfl = AdaLFL(model, LearnedLoss(hidden=(4,)), meta_lr=1e-2)
+    for s in range(3):
+        adalfl.step(_data(seed=s), _data(seed=s + 1))
+    saved = copy.deepcopy(adalfl.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    adalfl.step(_data(seed=7), _data(seed=8))
+    after = [p.detach().clone() for p in model.parameters()]
+    model2 = nn.Linear(3, 3)
+    model2.load_state_dict(weights)
+    again = AdaLFL(model2, LearnedLoss(hidden=(4,)), meta_lr=1e-2)
+    again.load_state_dict(saved)
+    again.step(_data(seed=7), _data(seed=8))
+    for p, q in zip(model2.parameters(), after):
+        assert torch.equal(p, q)
+
+
+def test_bad_horizon_and_optimizer_are_refused():
+    model = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="horizon must be one of"):
+        AdaLFL(model, LearnedLoss(hidden=(4,)), horizon="forever")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="RMSprop"):
+        AdaLFL(model, LearnedLoss(hidden=(4,)), optimizer=torch.optim.RMSprop(model.parameters()))

@@ -8,6 +8,7 @@ from npbml.inner.losses import (
     cross_entropy,
 )
 from npbml.inner.sgd import InnerSGD, PerParameterLR, Preconditioner, SGDState
+from npbml.inner.torch_optim import TorchOptimStep
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -16,6 +17,7 @@ __all__ = [
     "PerParameterLR",
     "Preconditioner",
     "SGDState",
+    "TorchOptimStep",
     "accepts_context",
     "call_inner_loss",
     "cross_entropy",

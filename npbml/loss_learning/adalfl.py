@@ -7,16 +7,21 @@ Phase 2 (online): after every base update of the ordinary training run (:meth:`A
     phi_{t+1}   = phi_t - eta * grad_phi L_task(batch'_t; theta_{t+1})
     theta_{t+1} <- theta_{t+1}.detach()
 
-``opt_step`` is SGD with Nesterov momentum 0.9 and weight decay 5e-4 by default, unrolled through
-:class:`npbml.inner.InnerSGD` (identical to :class:`torch.optim.SGD`) so that the meta-gradient
-sees the momentum buffer. ``batch'`` is the next training batch (``meta_batch="next"``, default)
-or a held-out validation batch (``"validation"``); the sources do not settle which one. A third
-option, ``"same"`` (``batch' = batch_t``), is what ML3's reference code does (the task loss after
-the differentiable step is computed on the step's own batch: facebookresearch/LearningToLearn,
-``ml3/mnist_task.py``); for AdaLFL it is this toolkit's option, not the paper's. With
-many classes a class occurs about once per batch (242 classes, batch 128: 0.53 times), so a
-one-step meta-objective on another batch mostly rewards class-agnostic changes such as shrinking
-every logit toward uniform predictions (measured in ``docs/results.md``, loss comparison).
+``opt_step`` is the step of a ``torch.optim`` optimizer (the user's own, ``optimizer=``; by default
+SGD with Nesterov momentum 0.9 and weight decay 5e-4), looked ahead differentiably by
+:class:`npbml.inner.TorchOptimStep` from the optimizer's own state, then applied by the optimizer's
+own ``step()``, so its momentum buffers (or Adam moments) are never dropped or desynchronised and a
+scheduler on its ``param_groups`` reaches both. ``horizon="momentum"`` looks ahead to where the
+optimizer's momentum will carry the weights instead of the next step only (this toolkit's option;
+see :mod:`npbml.inner.torch_optim`). ``batch'`` is the next training batch (``meta_batch="next"``,
+default) or a held-out validation batch (``"validation"``); the sources do not settle which one. A
+third option, ``"same"`` (``batch' = batch_t``), is what ML3's reference code does (the task loss
+after the differentiable step is computed on the step's own batch:
+facebookresearch/LearningToLearn, ``ml3/mnist_task.py``); for AdaLFL it is this toolkit's option,
+not the paper's. With many classes a class occurs about once per batch (242 classes, batch 128:
+0.53 times), so a one-step meta-objective on another batch mostly rewards class-agnostic changes
+such as shrinking every logit toward uniform predictions (measured in ``docs/results.md``, loss
+comparison).
 
 Many classes (a design limitation, not a bug): the loss network reads softmax probabilities, so
 its gradient w.r.t. the logits is ``p_k (g'_k - sum_c p_c g'_c)`` -- ``O(1/C)`` while the
@@ -39,9 +44,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from npbml.inner import InnerSGD, SGDState
+from npbml.inner.torch_optim import HORIZONS, Horizon, TorchOptimStep
 from npbml.loss_learning.ml3 import (
     ML3,
     Batch,
@@ -49,6 +56,7 @@ from npbml.loss_learning.ml3 import (
     MetaObjective,
     default_meta_objective,
     guarded,
+    loss_value,
     unrolled_step,
 )
 from npbml.losses.learned import all_finite, restore_parameters, snapshot_parameters
@@ -85,11 +93,21 @@ def adalfl_meta_loss(
 
 @dataclass
 class AdaLFLStep:
-    """Outcome of one :meth:`AdaLFL.step`."""
+    """Outcome of one :meth:`AdaLFL.step`.
+
+    ``base_loss`` is the learned loss's value, whose scale is arbitrary; ``ce`` is the
+    cross-entropy of the same predictions (NaN for regression), the number to read as the
+    training loss. ``grad_ratio`` and ``grad_cosine`` compare the learned loss's gradient
+    w.r.t. the logits with cross-entropy's on the batch: their norms' ratio and the cosine
+    between them (NaN for regression).
+    """
 
     base_loss: float
     meta_loss: float
     skipped: bool
+    ce: float = float("nan")
+    grad_ratio: float = float("nan")
+    grad_cosine: float = float("nan")
 
 
 class AdaLFL:
@@ -113,7 +131,8 @@ class AdaLFL:
     Args:
         model: the base model ``f_theta`` (trained in place).
         loss_net: the learned loss ``M_phi``.
-        base_lr, momentum, nesterov, weight_decay: the base SGD (defaults 0.01, 0.9, True, 5e-4).
+        base_lr, momentum, nesterov, weight_decay: the base SGD built when ``optimizer`` is not
+            given (defaults 0.01, 0.9, True, 5e-4); ignored otherwise.
         meta_lr: Adam learning rate of ``phi`` (default 1e-3).
         meta_batch: ``"next"`` (the next training batch), ``"validation"`` or ``"same"`` (the
             step's own batch; used when :meth:`step` gets no meta batch).
@@ -126,6 +145,12 @@ class AdaLFL:
             cross-entropy's and stays within [0.25, 4] times its norm), so a loss network the
             meta-learner drives flat or steep cannot stall or wreck the run; a
             :class:`GuardedLoss` for other bounds; ``False`` for the paper's unbounded form.
+        optimizer: the base optimizer, a :class:`torch.optim.SGD`, :class:`~torch.optim.Adam`
+            or :class:`~torch.optim.AdamW` over ``model.parameters()``; the meta-objective looks
+            ahead through its step and the base update is its own ``step()``.
+        horizon: ``"step"`` (the paper's one-step look-ahead) or ``"momentum"`` (the step plus
+            the displacement the optimizer's momentum will still add;
+            :class:`~npbml.inner.TorchOptimStep`).
     """
 
     def __init__(
@@ -143,6 +168,8 @@ class AdaLFL:
         meta_objective: MetaObjective | None = None,
         meta_optimizer: torch.optim.Optimizer | None = None,
         guard: bool | GuardedLoss = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        horizon: Horizon = "step",
     ) -> None:
         if meta_batch not in META_BATCHES:
             raise ValueError(f"meta_batch must be one of {META_BATCHES}, got {meta_batch!r}")
@@ -152,30 +179,55 @@ class AdaLFL:
         self.task = task or net_task
         #: The loss of the base steps: ``loss_net``, guarded unless ``guard=False``.
         self.loss = guarded(loss_net, guard)
-        self.base_optimizer = InnerSGD(
-            lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        self.optimizer = optimizer or torch.optim.SGD(
+            model.parameters(),
+            lr=base_lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
         )
+        if horizon not in HORIZONS:
+            raise ValueError(f"horizon must be one of {HORIZONS}, got {horizon!r}")
+        self.look_ahead = TorchOptimStep(self.optimizer, model, horizon)
         self.meta_batch = meta_batch
         self._validation_source = validation_batches
         self._validation_iter: Iterator[Batch] | None = None
         self.meta_objective = meta_objective or default_meta_objective(self.task)
         self.meta_optimizer = meta_optimizer or torch.optim.Adam(loss_net.parameters(), lr=meta_lr)
-        self.opt_state: SGDState = {}
         self.skipped_steps = 0
         self.steps = 0
         self._last_good = snapshot_parameters(loss_net)
 
+    @property
+    def base_optimizer(self) -> InnerSGD:
+        """The unrolled SGD of the offline phase, with the optimizer's first group's settings
+        (plain SGD at that group's ``lr`` for Adam/AdamW)."""
+        g = self.optimizer.param_groups[0]
+        if not isinstance(self.optimizer, torch.optim.SGD):
+            return InnerSGD(lr=float(g["lr"]))
+        return InnerSGD(
+            lr=float(g["lr"]),
+            momentum=g["momentum"],
+            dampening=g["dampening"],
+            nesterov=g["nesterov"],
+            weight_decay=g["weight_decay"],
+        )
+
+    @property
+    def opt_state(self) -> SGDState:
+        """The base optimizer's momentum buffers (SGD) by parameter name; read-only view."""
+        state = self.optimizer.state
+        return {
+            k: state[p]["momentum_buffer"]
+            for k, p in self.model.named_parameters()
+            if state.get(p, {}).get("momentum_buffer") is not None
+        }
+
     def set_base_lr(self, lr: float) -> None:
-        """Change the base learning rate (for schedules); momentum buffers are kept."""
-        old = self.base_optimizer
-        if lr != old.learning_rates():
-            self.base_optimizer = InnerSGD(
-                lr=lr,
-                momentum=old.momentum,
-                dampening=old.dampening,
-                nesterov=old.nesterov,
-                weight_decay=old.weight_decay,
-            )
+        """Set every parameter group's learning rate (for schedules); optimizer state is kept.
+        A scheduler acting on :attr:`optimizer` does the same."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
 
     # -- phase 1 -----------------------------------------------------------------------------
     def offline_init(
@@ -218,52 +270,71 @@ class AdaLFL:
             self._validation_iter = iter(self._validation_source)
             return next(self._validation_iter)
 
+    def _look_ahead(
+        self, batch: Batch, meta_batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], AdaLFLStep]:
+        """``(meta_loss, base_loss, grads, diagnostics)`` of the look-ahead from the current
+        weights; ``grads`` (by parameter name) keep their graph to the loss network."""
+        params = {
+            k: v.detach().requires_grad_()
+            for k, v in self.model.named_parameters()
+            if v.requires_grad
+        }
+        preds = functional_forward(self.model, params, batch[0])
+        base = loss_value(self.loss, preds, batch[1])
+        names = list(params)
+        raw = torch.autograd.grad(
+            base, [preds, *(params[k] for k in names)], create_graph=True, allow_unused=True
+        )
+        grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(names, raw[1:])}
+        ahead = self.look_ahead.step(params, grads)
+        meta_preds = functional_forward(self.model, ahead, meta_batch[0])
+        meta = self.meta_objective(meta_preds, meta_batch, ahead)
+        info = AdaLFLStep(base.item(), meta.item(), False)
+        if self.task == "classification" and raw[0] is not None:
+            info.ce, info.grad_ratio, info.grad_cosine = _against_ce(preds, batch[1], raw[0])
+        return meta, base, grads, info
+
     def step(self, batch: Batch, meta_batch: Batch | None = None) -> tuple[float, float]:
         """One online AdaLFL step; returns ``(base_loss, meta_loss)`` (NaN-free unless skipped).
 
-        Whether it was skipped is in :attr:`last_step`.
+        Whether it was skipped, the batch's cross-entropy and the logit-gradient comparison
+        with cross-entropy are in :attr:`last_step`.
         """
         if meta_batch is None:
             same = self.meta_batch == "same"
             meta_batch = batch if same else self._next_validation_batch()
-        trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
-        params = {k: v.detach().requires_grad_() for k, v in trainable.items()}
-        meta, base, new_params, new_state = adalfl_meta_loss(
-            self.model,
-            self.loss,
-            params,
-            batch,
-            meta_batch,
-            self.base_optimizer,
-            self.opt_state,
-            self.meta_objective,
-        )
+        meta, base, grads, info = self._look_ahead(batch, meta_batch)
         phis = [p for p in self.loss_net.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(meta, phis, allow_unused=True)
+        meta_grads = torch.autograd.grad(meta, phis, allow_unused=True)
         self.steps += 1
-        if not all_finite(base, meta, *grads, *new_params.values(), *new_state.values()):
+        if not all_finite(base, meta, *meta_grads, *grads.values()):
             self.skipped_steps += 1
             logger.warning(
-                "AdaLFL step %d: non-finite loss/parameters/meta-gradient; base step skipped and "
+                "AdaLFL step %d: non-finite loss/gradient/meta-gradient; base step skipped and "
                 "loss network reset to its last good parameters",
                 self.steps,
             )
             restore_parameters(self.loss_net, self._last_good)
             self.meta_optimizer.state.clear()
-            self.last_step = AdaLFLStep(base.item(), meta.item(), True)
-            return self.last_step.base_loss, self.last_step.meta_loss
+            info.skipped = True
+            self.last_step = info
+            return info.base_loss, info.meta_loss
         # These phi produced a finite step: they become the rollback point.
         self._last_good = snapshot_parameters(self.loss_net)
         self.meta_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(phis, grads):
+        for p, g in zip(phis, meta_grads):
             p.grad = None if g is None else g.detach()
         self.meta_optimizer.step()
-        with torch.no_grad():
-            for k, p in trainable.items():
-                p.copy_(new_params[k])
-        self.opt_state = {k: v.detach() for k, v in new_state.items()}
-        self.last_step = AdaLFLStep(base.item(), meta.item(), False)
-        return self.last_step.base_loss, self.last_step.meta_loss
+        # The base update is the optimizer's own step on the gradient the look-ahead used.
+        self.optimizer.zero_grad(set_to_none=True)
+        for k, p in self.model.named_parameters():
+            if k in grads:
+                p.grad = grads[k].detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_step = info
+        return info.base_loss, info.meta_loss
 
     def train_epoch(
         self, batches: Iterable[Batch], callback: Callable[[int, AdaLFLStep], Any] | None = None
@@ -289,11 +360,11 @@ class AdaLFL:
 
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: loss network, meta-optimizer, base momentum, counters."""
+        """Everything needed to resume: loss network, meta- and base optimizer, counters."""
         return {
             "loss_net": self.loss_net.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "opt_state": dict(self.opt_state),
+            "optimizer": self.optimizer.state_dict(),
             "last_good": dict(self._last_good),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
@@ -303,7 +374,23 @@ class AdaLFL:
         """Restore :meth:`state_dict` (the model's own weights are restored separately)."""
         self.loss_net.load_state_dict(state["loss_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self.opt_state = dict(state["opt_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self._last_good = dict(state["last_good"])
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def _against_ce(
+    preds: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor
+) -> tuple[float, float, float]:
+    """``(CE, |g| / |g_CE|, cos(g, g_CE))`` of a loss gradient ``g`` w.r.t. the logits, with
+    ``g_CE = (softmax(z) - onehot(y)) / N``, the gradient of the batch-mean cross-entropy."""
+    with torch.no_grad():
+        z = preds.detach()
+        ce = F.cross_entropy(z, targets)
+        g_ce = (torch.softmax(z, -1) - F.one_hot(targets, z.shape[-1]).to(z.dtype)) / len(z)
+        g = grad.detach().flatten()
+        g_ce = g_ce.flatten()
+        n, n_ce = g.norm(), g_ce.norm()
+        cos = torch.dot(g, g_ce) / (n * n_ce).clamp_min(1e-30)
+        return float(ce), float(n / n_ce.clamp_min(1e-30)), float(cos)
