@@ -133,7 +133,8 @@ def upgrade_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     epoch record becomes a ``train`` record (``loss``, ``lr``, the other keys) and a
     ``validation`` one (``loss``, ``accuracy``, ``best``: lowest validation loss so far); the
     final record gets ``split="test"``, ``loss``, ``accuracy`` and ``best_loss`` /
-    ``best_accuracy`` besides its own keys. Records with a ``"split"`` are kept as they are.
+    ``best_accuracy`` besides its own keys. Other records (with a ``"split"``, or of another
+log) are kept as they are.
 
     Args:
         records: Records in file order.
@@ -144,8 +145,8 @@ def upgrade_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     best = float("inf")
     for r in records:
-        if "split" in r:
-            out.append(r)
+        if "split" in r or not ("train_loss" in r or (r.get("final") and "test_loss" in r)):
+            out.append(r)  # the shared layout, or another log (e.g. an EvoMAL search's)
         elif r.get("final"):
             named = {"loss": "test_loss", "accuracy": "test_acc"}
             named.update(best_loss="best_test_loss", best_accuracy="best_test_acc")
