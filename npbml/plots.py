@@ -73,8 +73,8 @@ def run_curves(run_dir: str | Path, x: str = "step") -> dict[str, tuple[np.ndarr
         run_dir: a run directory (``npbml train --out`` or ``npbml fit --out``: both write
             the record layout of :mod:`npbml.run_dir`) or its ``metrics.jsonl``.
         x: ``"step"`` (meta-steps, or optimizer steps of a fit run) or ``"time"`` (seconds of
-            training since the start, validation included; a validation point gets the time of its step's training
-            record, interpolated between logged steps).
+            training since the start, validation included; a validation point gets the time of
+            its step's training record, interpolated between logged steps).
 
     Returns:
         The curves with at least one point (a run with no validation yet has no
