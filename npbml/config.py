@@ -86,7 +86,8 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Meta-learner: ``npbml.algorithms.build_algorithm(name, model, **kwargs)`` (METHODS.md 2).
+    """Meta-learner: ``npbml.algorithms.build_algorithm(name, model, **kwargs)`` (MAML, Finn et al.
+    2017, arXiv 1703.03400; the protocol of docs/methods/protocol.md).
 
     ``inner_lr`` is alpha, ``inner_steps`` J at meta-train time, ``eval_inner_steps`` J at
     validation/test time (defaults to ``inner_steps``). ``options`` holds algorithm-specific

@@ -5,13 +5,15 @@ the Omniglot minimal splits, each split per class into train / validation / test
 tabular / regression arrays, with a tqdm progress bar, atomic checkpoints (``last.pt``,
 ``best.pt``), exact resume and ``metrics.jsonl`` (one JSON record per evaluation).
 
-Losses: ``ce``, ``label_smoothing``, ``sparse_lsr`` (METHODS.md sec 5), ``learned`` (a fixed
-loss network, e.g. meta-learned by ML3, loaded from ``loss.checkpoint``), ``ml3`` (the loss network
-is first meta-learned offline by ML3 on the training data for ``loss.offline_steps`` steps, Bechtle
-et al. arXiv 1906.05374, then frozen to train the model), ``adalfl`` (online loss learning,
-Raymond et al. arXiv 2301.13247; METHODS.md sec 4) and ``evolved`` (a symbolic EvoMAL loss loaded
-from ``loss.checkpoint``: an ``npbml evolve`` output folder or a saved ``EvolvedLoss`` JSON;
-METHODS.md sec 6).
+Losses: ``ce``, ``label_smoothing``, ``sparse_lsr`` (Raymond et al., EvoMAL, arXiv 2209.08907;
+docs/methods/sparse-lsr.md), ``learned`` (a fixed loss network, e.g. meta-learned by ML3, loaded
+from ``loss.checkpoint``), ``ml3`` (the loss network is first meta-learned offline by ML3 on the
+training data for ``loss.offline_steps`` steps, Bechtle et al. arXiv 1906.05374, then frozen to
+train the model), ``adalfl`` (online loss learning, Raymond et al. arXiv 2301.13247;
+docs/methods/learned-losses.md) and ``evolved`` (a symbolic EvoMAL loss loaded from
+``loss.checkpoint``: an ``npbml evolve`` output folder or a saved ``EvolvedLoss`` JSON; Raymond
+et al. arXiv 2209.08907, docs/methods/evomal.md). The data formats, the run directory and the
+metrics records are described in docs/fit.md (the arrays format also in docs/data-formats.md).
 
 Exact resume: the batch order of epoch ``e`` is a pure function of ``(seed, e)`` and the model,
 optimizer, schedule, loss-learning and RNG states are checkpointed, so a run killed and resumed
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from npbml.checkpoint import rng_state, set_rng_state
+from npbml.checkpoint import load_checkpoint, rng_state, set_rng_state
 from npbml.config import (  # the fit schema lives with the other configs; re-exported here
     ConfigError,
     FitConfig,
@@ -832,6 +834,80 @@ def fit(
     finally:
         bar.close()
     return _finish(state)
+
+
+def fit_run_dir(path: str | Path) -> Path | None:
+    """The ``npbml fit`` run directory that ``path`` (a run directory or a checkpoint in one)
+    belongs to, or ``None`` when it is not one (its ``config.json`` is not a fit config).
+
+    Args:
+        path: A directory or a checkpoint file.
+
+    Returns:
+        The run directory, or ``None``.
+    """
+    p = Path(path)
+    run = p if p.is_dir() else p.parent
+    snapshot = run / "config.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        fit_config_from_dict(json.loads(snapshot.read_text()))
+    except (ConfigError, ValueError, TypeError):
+        return None
+    return run
+
+
+def evaluate_run(
+    path: str | Path,
+    which: str = "best.pt",
+    split: str = "test",
+    device: str | torch.device = "cpu",
+    root: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint of an ``npbml fit`` run on one split of its data.
+
+    The data and model are rebuilt from the run's ``config.json`` (the split is the run's own:
+    the same seed and fractions), the weights loaded from the checkpoint.
+
+    Args:
+        path: The run directory, or a checkpoint file in it.
+        which: The checkpoint in a run directory (``best.pt`` or ``last.pt``).
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        device: Where to evaluate.
+        root: Overrides ``data.root`` (Omniglot / IDX data moved since training).
+
+    Returns:
+        ``{"split", "checkpoint", "step", "rows", "loss"}`` and ``"accuracy"`` for
+        classification.
+
+    Raises:
+        ConfigError: ``path`` is not a fit run, or the split has no rows.
+        CheckpointError: The checkpoint is missing or damaged.
+    """
+    run_path = fit_run_dir(path)
+    if run_path is None:
+        raise ConfigError(f"{path} is not an `npbml fit` run (no fit config.json next to it)")
+    p = Path(path)
+    ckpt = p if p.is_file() else run_path / which
+    cfg = fit_config_from_dict(json.loads((run_path / "config.json").read_text()))
+    if root is not None:
+        cfg.data.root = root
+    data = build_fit_data(cfg)
+    rows = {"train": data.train, "validation": data.val, "test": data.test}[split]
+    if len(rows[0]) == 0:
+        raise ConfigError(f"the {split} split of {run_path} has no rows; choose another --split")
+    state = load_checkpoint(ckpt, map_location=device)
+    model = build_fit_model(cfg.model, data).to(device)
+    model.load_state_dict(state["model"])
+    res = _named(evaluate(model, *rows, data.task))
+    return {
+        "split": split,
+        "checkpoint": str(ckpt),
+        "step": int(state["step"]),
+        "rows": len(rows[0]),
+        **res,
+    }
 
 
 def _offline_phase(state: _FitRun) -> None:

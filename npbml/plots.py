@@ -6,7 +6,8 @@
   in one picture (``npbml demo``).
 * :func:`plot_learned_loss`: a classification :class:`~npbml.losses.LearnedLoss` as a function of
   the predicted probability ``p`` in [0, 1], for the target class (``y = 1``) and a non-target
-  class (``y = 0``) -- the per-class function ``g_phi(p, y)`` of METHODS.md sec 4 -- with
+  class (``y = 0``) -- the per-class function ``g_phi(p, y)`` of AdaLFL (Raymond et al. 2023,
+  arXiv 2301.13247; docs/methods/learned-losses.md) -- with
   cross-entropy's ``-log p`` for reference.
 * :func:`plot_loss_snapshots`: how that function changes over an AdaLFL run, from snapshots of
   the loss network's ``state_dict`` (e.g. taken every k steps).

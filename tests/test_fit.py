@@ -468,3 +468,25 @@ def test_resume_within_an_epoch_logs_the_same_train_loss(blobs, tmp_path, loss):
         ]
 
     assert lines("killed") == lines("full")
+
+
+def test_resume_ignores_settings_that_do_not_change_the_result(blobs, tmp_path):
+    cfg = _cfg(blobs)
+    full = fit(cfg, tmp_path / "full")
+    assert fit(cfg, tmp_path / "run", stop_after=5) == {"stopped_at": 5}
+    cfg["train"].update(progress=True, threads=1, checkpoint_every=2, max_nonfinite_steps=9)
+    assert fit(cfg, tmp_path / "run") == full
+    cfg["optim"]["lr"] = 0.1  # this one changes the result: refused
+    with pytest.raises(ConfigError, match="optim.lr"):
+        fit(cfg, tmp_path / "run")
+
+
+def test_stop_after_counts_total_steps(blobs, tmp_path):
+    cfg = _cfg(blobs)
+    assert fit(cfg, tmp_path / "run", stop_after=4) == {"stopped_at": 4}
+    before = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert fit(cfg, tmp_path / "run", stop_after=4) == {"stopped_at": 4}  # no new step
+    after = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert after["step"] == 4 and torch.equal(
+        after["model"]["1.weight"], before["model"]["1.weight"]
+    )
