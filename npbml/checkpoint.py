@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and plain Python values written with :func:`torch.save`.
 :func:`save_checkpoint` writes a temporary file in the destination directory, fsyncs it and then
 renames it over the destination with :func:`os.replace` (atomic on POSIX and Windows), so a crash
-at any point leaves either the previous checkpoint or the new one, never a partial file.
+at any point leaves either the previous checkpoint or the new one, never a partial file. The file
+gets the mode a plain ``open()`` gives (``0666`` less the umask), not the temp file's ``0600``.
 
 Everything stored must be loadable with ``torch.load(weights_only=True)`` (tensors, numbers,
 strings, lists, tuples, dicts), so loading a checkpoint never executes pickled code;
@@ -52,6 +53,9 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the
+        # umask), as the other files of the run have.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -64,6 +68,13 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -86,7 +86,8 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Meta-learner: ``npbml.algorithms.build_algorithm(name, model, **kwargs)`` (METHODS.md 2).
+    """Meta-learner: ``npbml.algorithms.build_algorithm(name, model, **kwargs)`` (MAML, Finn et al.
+    2017, arXiv 1703.03400; the protocol of docs/methods/protocol.md).
 
     ``inner_lr`` is alpha, ``inner_steps`` J at meta-train time, ``eval_inner_steps`` J at
     validation/test time (defaults to ``inner_steps``). ``options`` holds algorithm-specific
@@ -384,6 +385,11 @@ def _check_values(cfg: Config) -> None:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
+    if cfg.data.ways < 2:
+        raise ConfigError(
+            f"data.ways must be >= 2, got {cfg.data.ways}: an N-way task tells N classes apart "
+            "(a 1-way task is solved by always answering its one class)"
+        )
     nonneg = {
         "data.queries": cfg.data.queries,
         "algorithm.inner_lr": cfg.algorithm.inner_lr,
@@ -525,7 +531,9 @@ class FitLossConfig:
 class FitTrainConfig:
     """``epochs`` passes over the training data in batches of ``batch_size``; ``last.pt`` at the
     end of every epoch and, when ``checkpoint_every > 0``, every that many steps; ``threads``:
-    torch CPU threads (``None``: torch's default)."""
+    torch CPU threads (``None``: torch's default); ``progress``: the progress bar. A step whose
+    loss or gradient is not finite is skipped (warned, logged); ``max_nonfinite_steps`` skipped
+    steps in a row stop the run with :class:`FloatingPointError`."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -534,6 +542,7 @@ class FitTrainConfig:
     threads: int | None = None
     checkpoint_every: int = 0
     progress: bool = True
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -550,13 +559,52 @@ class FitConfig:
         return dataclasses.asdict(self)
 
 
+def _check_fit_values(cfg: FitConfig) -> None:
+    """Range checks of a :class:`FitConfig` that the type system cannot express.
+
+    Raises:
+        ConfigError: Naming the key, the value and the valid range.
+    """
+    t, o, d, lc = cfg.train, cfg.optim, cfg.data, cfg.loss
+    at_least_1 = {
+        "train.epochs": t.epochs,
+        "train.batch_size": t.batch_size,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
+        "optim.step_size": o.step_size,
+    }
+    if t.threads is not None:
+        at_least_1["train.threads"] = t.threads
+    for key, v in at_least_1.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
+    for key, x in (("optim.lr", o.lr), ("optim.gamma", o.gamma), ("loss.meta_lr", lc.meta_lr)):
+        if not x > 0:
+            raise ConfigError(f"{key} must be > 0, got {x}: a learning rate (factor) is positive")
+    nonneg = {
+        "optim.momentum": o.momentum,
+        "optim.weight_decay": o.weight_decay,
+        "optim.min_lr": o.min_lr,
+        "train.checkpoint_every": t.checkpoint_every,
+    }
+    for key, x in nonneg.items():
+        if not x >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {x}")
+    if not 0 <= lc.smoothing < 1:
+        raise ConfigError(f"loss.smoothing must be in [0, 1), got {lc.smoothing}")
+    for key, f in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
+        if not 0 <= f < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {f}")
+    if d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction must be < 1 (got {d.val_fraction} + "
+            f"{d.test_fraction}): the rest are the training rows"
+        )
+
+
 def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
     """Validate a nested mapping into a :class:`FitConfig` (unknown keys raise ConfigError)."""
     cfg = build_dataclass(FitConfig, data or {})
-    t = cfg.train
-    for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size)):
-        if v < 1:
-            raise ConfigError(f"{key} must be >= 1, got {v}")
+    _check_fit_values(cfg)
     if cfg.loss.name == "adalfl" and cfg.optim.name != "sgd":
         raise ConfigError("loss.name='adalfl' unrolls SGD: set optim.name='sgd'")
     if cfg.loss.name == "learned" and cfg.loss.checkpoint is None:

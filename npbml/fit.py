@@ -5,13 +5,15 @@ the Omniglot minimal splits, each split per class into train / validation / test
 tabular / regression arrays, with a tqdm progress bar, atomic checkpoints (``last.pt``,
 ``best.pt``), exact resume and ``metrics.jsonl`` (one JSON record per evaluation).
 
-Losses: ``ce``, ``label_smoothing``, ``sparse_lsr`` (METHODS.md sec 5), ``learned`` (a fixed
-loss network, e.g. meta-learned by ML3, loaded from ``loss.checkpoint``), ``ml3`` (the loss network
-is first meta-learned offline by ML3 on the training data for ``loss.offline_steps`` steps, Bechtle
-et al. arXiv 1906.05374, then frozen to train the model), ``adalfl`` (online loss learning,
-Raymond et al. arXiv 2301.13247; METHODS.md sec 4) and ``evolved`` (a symbolic EvoMAL loss loaded
-from ``loss.checkpoint``: an ``npbml evolve`` output folder or a saved ``EvolvedLoss`` JSON;
-METHODS.md sec 6).
+Losses: ``ce``, ``label_smoothing``, ``sparse_lsr`` (Raymond et al., EvoMAL, arXiv 2209.08907;
+docs/methods/sparse-lsr.md), ``learned`` (a fixed loss network, e.g. meta-learned by ML3, loaded
+from ``loss.checkpoint``), ``ml3`` (the loss network is first meta-learned offline by ML3 on the
+training data for ``loss.offline_steps`` steps, Bechtle et al. arXiv 1906.05374, then frozen to
+train the model), ``adalfl`` (online loss learning, Raymond et al. arXiv 2301.13247;
+docs/methods/learned-losses.md) and ``evolved`` (a symbolic EvoMAL loss loaded from
+``loss.checkpoint``: an ``npbml evolve`` output folder or a saved ``EvolvedLoss`` JSON; Raymond
+et al. arXiv 2209.08907, docs/methods/evomal.md). The data formats, the run directory and the
+metrics records are described in docs/fit.md (the arrays format also in docs/data-formats.md).
 
 Exact resume: the batch order of epoch ``e`` is a pure function of ``(seed, e)`` and the model,
 optimizer, schedule, loss-learning and RNG states are checkpointed, so a run killed and resumed
@@ -27,6 +29,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from npbml.checkpoint import rng_state, set_rng_state
+from npbml.checkpoint import load_checkpoint, rng_state, set_rng_state
 from npbml.config import (  # the fit schema lives with the other configs; re-exported here
     ConfigError,
     FitConfig,
@@ -53,7 +56,7 @@ from npbml.inner import InnerSGD
 from npbml.loss_learning.adalfl import AdaLFL
 from npbml.loss_learning.ml3 import ML3, GuardedLoss
 from npbml.loss_learning.warm_start import regress_to_cross_entropy
-from npbml.losses import LearnedLoss, build_loss
+from npbml.losses import LearnedLoss, all_finite, build_loss
 from npbml.run_dir import RunDir
 
 
@@ -86,7 +89,7 @@ def split_class_dataset(
     for c in range(dataset.num_classes):
         n = dataset.num_images(c)
         if n < val_per_class + test_per_class + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"class {c} has {n} images: too few for {val_per_class} validation + "
                 f"{test_per_class} test + 1 training image; lower data.val_per_class/test_per_class"
             )
@@ -124,6 +127,78 @@ def _omniglot(cfg: FitDataConfig) -> Any:
     return parts[0] if len(parts) == 1 else ConcatClasses(parts)
 
 
+def _check_features(x: np.ndarray, where: str) -> np.ndarray:
+    """``x`` as float32 rows, refused when it is empty, not numeric or not finite.
+
+    Raises:
+        ConfigError: Naming the problem (first bad row included) and the fix.
+    """
+    if x.ndim < 1 or len(x) == 0:
+        raise ConfigError(f"{where} x has no rows (shape {x.shape}); give at least one sample")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ConfigError(
+            f"{where} x has dtype {x.dtype}, not numbers: convert the features to floats "
+            "(e.g. one-hot encode string columns) before saving the .npz"
+        )
+    x = x.astype(np.float32)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ConfigError(
+            f"{where} x has non-finite values (NaN or inf) in {len(rows)} of {len(x)} rows "
+            f"(first: row {rows[0]}): clean or impute them, or drop those rows with "
+            "keep = np.isfinite(x.reshape(len(x), -1)).all(1); x, y = x[keep], y[keep]"
+        )
+    return x
+
+
+_RELABEL = "relabel with np.unique(y, return_inverse=True)[1]"
+
+
+def _class_labels(y: np.ndarray, where: str) -> tuple[np.ndarray, int]:
+    """Classification targets as int64 labels ``0..C-1`` (every class present), and ``C``.
+
+    Raises:
+        ConfigError: Strings, fractional floats, a shape other than ``(N,)``, labels that are
+            not exactly ``0..C-1``, or fewer than 2 classes; the message names the values found
+            and the fix.
+    """
+    if y.ndim != 1:
+        raise ConfigError(
+            f"{where} y has shape {y.shape}; classification labels are one integer per row, "
+            "shape (N,): flatten it (y.ravel()) or use data.task=regression"
+        )
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+        raise ConfigError(
+            f"{where} labels are {y.dtype} (e.g. strings), not integers 0..C-1: {_RELABEL} "
+            "(keep the first array as the class names)"
+        )
+    fractional = np.issubdtype(y.dtype, np.floating) and not (
+        np.isfinite(y).all() and (y == np.round(y)).all()
+    )
+    if fractional:
+        example = y[~(y == np.round(y))][0]
+        raise ConfigError(
+            f"{where} labels are floats that are not integers (e.g. {example}): classification "
+            f"needs integer labels 0..C-1 ({_RELABEL}); for real-valued targets set "
+            "data.task=regression"
+        )
+    labels = y.astype(np.int64)
+    values = np.unique(labels)
+    c = len(values)
+    found = f"found {c} distinct value{'s' if c != 1 else ''} " + (
+        f"{values[0]}..{values[-1]}" if c > 1 else f"{values[0]}"
+    )
+    if c < 2:
+        raise ConfigError(
+            f"{where} labels: {found}; classification needs at least 2 classes, labelled by "
+            "integers 0..C-1: add samples of other classes (or use data.task=regression)"
+        )
+    if values[0] != 0 or values[-1] != c - 1:
+        raise ConfigError(f"{where} labels must be integers 0..C-1; {found} (C={c}): {_RELABEL}")
+    return labels, c
+
+
 def split_arrays(
     x: np.ndarray | torch.Tensor,
     y: np.ndarray | torch.Tensor,
@@ -131,28 +206,58 @@ def split_arrays(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    where: str = "data.path",
 ) -> FitData:
-    """Random train / val / test split of tabular arrays."""
-    x = torch.as_tensor(np.asarray(x)).float()
-    y = torch.as_tensor(np.asarray(y))
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    """Random train / val / test split of tabular arrays, after checking them.
+
+    Args:
+        x: Features, one row per sample (any shape ``(N, ...)``), numeric and finite.
+        y: Targets: integer class labels ``0..C-1`` of shape ``(N,)`` (classification; every
+            class present, ``C >= 2``), or real values ``(N,)`` / ``(N, D)`` (regression).
+        task: ``"classification"`` or ``"regression"``.
+        val_fraction: Share of the rows for validation (rounded to whole rows).
+        test_fraction: Share of the rows for test.
+        seed: Seeds the one random permutation of the rows that makes the split.
+        where: Names the source in error messages (e.g. the ``.npz`` path).
+
+    Returns:
+        The split data.
+
+    Raises:
+        ConfigError: Bad arrays (see :func:`_check_features`, :func:`_class_labels`), a row
+            count mismatch, or fractions that leave no training rows.
+    """
+    xa = _check_features(np.asarray(x), where)
+    ya = np.asarray(y)
+    if ya.ndim < 1 or len(xa) != len(ya):
+        raise ConfigError(
+            f"{where} x has {len(xa)} rows but y has {len(ya) if ya.ndim else 0}: give one "
+            "target per row of x"
+        )
     if task == "classification":
-        if y.is_floating_point():
-            raise ValueError("classification targets must be integers; use data.task='regression'")
-        y = y.long()
-        num_outputs = int(y.max()) + 1
+        labels, num_outputs = _class_labels(ya, where)
+        yt = torch.from_numpy(labels)
     else:
-        y = y.float()
-        y = y.unsqueeze(1) if y.dim() == 1 else y
-        num_outputs = y.shape[1]
-    n = len(x)
+        if not np.issubdtype(ya.dtype, np.number) or not np.isfinite(ya).all():
+            raise ConfigError(
+                f"{where} regression targets y must be finite numbers (got dtype {ya.dtype}"
+                f"{'' if not np.issubdtype(ya.dtype, np.number) else ' with NaN or inf'}): "
+                "clean or drop those rows"
+            )
+        yt = torch.from_numpy(ya.astype(np.float32))
+        yt = yt.unsqueeze(1) if yt.dim() == 1 else yt
+        num_outputs = yt.shape[1]
+    xt = torch.from_numpy(xa)
+    n = len(xt)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     n_val, n_test = int(round(val_fraction * n)), int(round(test_fraction * n))
     if n - n_val - n_test < 1:
-        raise ValueError("val_fraction + test_fraction leave no training rows")
+        raise ConfigError(
+            f"data.val_fraction={val_fraction} + data.test_fraction={test_fraction} of {n} rows "
+            "leave no training rows: lower them or add rows"
+        )
     iv, it, itr = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
-    return FitData((x[itr], y[itr]), (x[iv], y[iv]), (x[it], y[it]), task, num_outputs)
+    return FitData((xt[itr], yt[itr]), (xt[iv], yt[iv]), (xt[it], yt[it]), task, num_outputs)
 
 
 def _idx_data(d: FitDataConfig, seed: int) -> FitData:
@@ -193,13 +298,42 @@ def build_fit_data(cfg: FitConfig) -> FitData:
     if d.kind == "idx":
         return _idx_data(d, cfg.train.seed)
     assert d.path is not None  # kind="arrays" (validated: it needs data.path)
-    arrays = np.load(d.path)
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise ConfigError(f"{d.path}: missing array {key!r} (expected arrays x and y)")
-    return split_arrays(
-        arrays["x"], arrays["y"], d.task, d.val_fraction, d.test_fraction, cfg.train.seed
-    )
+    x, y = load_arrays(d.path)
+    where = f"data.path {d.path}:"
+    return split_arrays(x, y, d.task, d.val_fraction, d.test_fraction, cfg.train.seed, where)
+
+
+def load_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an ``.npz`` file (``np.savez(path, x=..., y=...)``).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ConfigError: The file is not an ``.npz`` of plain arrays, or lacks ``x`` or ``y``.
+    """
+    try:
+        arrays = np.load(path)
+        if not isinstance(arrays, Mapping):  # an .npy file holds one bare array
+            raise ConfigError(
+                f"data.path {path} holds one array, not an .npz with x and y; save with "
+                "np.savez(path, x=features, y=targets)"
+            )
+        missing = [k for k in ("x", "y") if k not in arrays]
+        if missing:
+            raise ConfigError(
+                f"data.path {path}: missing array {missing[0]!r} (it has {sorted(arrays)}); "
+                "save with np.savez(path, x=features, y=targets)"
+            )
+        return arrays["x"], arrays["y"]
+    except ConfigError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        detail = (str(e).splitlines() or [""])[0]
+        raise ConfigError(
+            f"data.path {path} is not an .npz of plain arrays ({type(e).__name__}: {detail}); "
+            "save with np.savez(path, x=features, y=targets)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,11 +524,17 @@ class OptimizerUpdater:
             step: The global step index (unused by a plain optimizer).
 
         Returns:
-            The batch loss before the update and the extra progress-bar values (none).
+            The batch loss before the update and the extra progress-bar values: none, or
+            ``{"skipped": 1}`` when the loss or a gradient was not finite and the update was
+            dropped (the model and optimizer state are then unchanged).
         """
         loss = self.loss_fn(model(batch[0]), batch[1])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not all_finite(loss.detach(), *grads):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.item(), {"skipped": 1}
         self.optimizer.step()
         return loss.item(), {}
 
@@ -580,11 +720,20 @@ def build_updater(
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+# Config keys that may change between a run and its resumption: they change neither the
+# batches nor the arithmetic of a step (display, CPU threads, how often last.pt is written, when
+# a streak of non-finite steps stops the run).
+FIT_RESUMABLE_CHANGES = frozenset(
+    {"train.progress", "train.threads", "train.checkpoint_every", "train.max_nonfinite_steps"}
+)
+
+
 @dataclass
 class _FitRun:
-    """What one fit carries from step to step, all of it checkpointed: ``running`` holds the
-    batch losses of the current epoch, so that an epoch resumed from a checkpoint taken within
-    it logs the same mean train loss as an uninterrupted one."""
+    """What one fit carries from step to step, all of it checkpointed but ``started`` (the wall
+    clock of ``time_s``): ``running`` holds the batch losses of the current epoch, so that an
+    epoch resumed from a checkpoint taken within it logs the same mean train loss as an
+    uninterrupted one; ``nonfinite_streak`` counts the skipped steps in a row."""
 
     cfg: FitConfig
     data: FitData
@@ -596,6 +745,8 @@ class _FitRun:
     step: int = 0
     best: float = math.inf
     running: list[float] = field(default_factory=list)
+    nonfinite_streak: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def total_steps(self) -> int:
@@ -604,6 +755,7 @@ class _FitRun:
     def save_last(self) -> None:
         state = {"model": self.model.state_dict(), "step": self.step, "best": self.best}
         state.update(rng=rng_state(), running=list(self.running))
+        state["nonfinite_streak"] = self.nonfinite_streak
         self.run.save_last({**state, **self.updater.state_dict()})
 
     def resume_or_start(self, resume: bool) -> None:
@@ -614,6 +766,7 @@ class _FitRun:
             self.updater.load_state_dict(state)
             self.step, self.best = int(state["step"]), float(state["best"])
             self.running = [float(v) for v in state.get("running", [])]
+            self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
             set_rng_state(state["rng"])
             self.run.truncate_metrics(self.step)
             return
@@ -632,22 +785,37 @@ def fit(
 ) -> dict[str, Any]:
     """Train per ``config`` into ``out_dir``; returns the final metrics.
 
-    ``data`` overrides ``config.data`` (for in-memory datasets). With ``resume`` (default) an
-    existing ``out_dir/last.pt`` is continued exactly. ``stop_after=k`` stops once the global step
-    reaches ``k`` without final evaluation, as a killed run would (work since the last checkpoint
-    is lost); used by the resume test and for budgeted runs.
+    Args:
+        config: A :class:`FitConfig` or the mapping it is validated from.
+        out_dir: The run directory (see :class:`npbml.run_dir.RunDir` for its files and the
+            ``metrics.jsonl`` record layout, shared with ``npbml train``).
+        data: Overrides ``config.data`` (for in-memory datasets).
+        resume: Continue an existing ``out_dir/last.pt`` exactly (a changed config is refused,
+            but for the keys of :data:`FIT_RESUMABLE_CHANGES`).
+        stop_after: Stop once the global step reaches this many steps in total, without final
+            evaluation, as a killed run would (work since the last checkpoint is lost); used by
+            the resume test and for budgeted runs.
+
+    Returns:
+        ``{"step", "final": True, "test_loss", "test_acc", "best_test_loss",
+        "best_test_acc"}`` (``acc`` for classification only; ``best_`` when a ``best.pt``
+        exists), or ``{"stopped_at": step}`` after ``stop_after``.
+
+    Raises:
+        ConfigError: A bad config or dataset, or a changed config on resume.
+        FloatingPointError: ``train.max_nonfinite_steps`` steps in a row were not finite.
     """
     cfg = config if isinstance(config, FitConfig) else fit_config_from_dict(config)
     run = RunDir(out_dir, config_name="config.json")
     saved = run.saved_config()
     if resume and run.has_last() and saved is not None:
-        run.check_resumable(saved, cfg.to_dict())
-    run.save_config(cfg.to_dict())
+        run.check_resumable(saved, cfg.to_dict(), ignore=FIT_RESUMABLE_CHANGES)
     t = cfg.train
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    data = data or build_fit_data(cfg)
+    data = data or build_fit_data(cfg)  # bad data stops here, before any file is written
+    run.save_config(cfg.to_dict())
     device = torch.device(t.device)
     model = build_fit_model(cfg.model, data).to(device)
     loss_fn = build_fit_loss(cfg.loss, data.task, t.seed, device)
@@ -666,6 +834,80 @@ def fit(
     finally:
         bar.close()
     return _finish(state)
+
+
+def fit_run_dir(path: str | Path) -> Path | None:
+    """The ``npbml fit`` run directory that ``path`` (a run directory or a checkpoint in one)
+    belongs to, or ``None`` when it is not one (its ``config.json`` is not a fit config).
+
+    Args:
+        path: A directory or a checkpoint file.
+
+    Returns:
+        The run directory, or ``None``.
+    """
+    p = Path(path)
+    run = p if p.is_dir() else p.parent
+    snapshot = run / "config.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        fit_config_from_dict(json.loads(snapshot.read_text()))
+    except (ConfigError, ValueError, TypeError):
+        return None
+    return run
+
+
+def evaluate_run(
+    path: str | Path,
+    which: str = "best.pt",
+    split: str = "test",
+    device: str | torch.device = "cpu",
+    root: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint of an ``npbml fit`` run on one split of its data.
+
+    The data and model are rebuilt from the run's ``config.json`` (the split is the run's own:
+    the same seed and fractions), the weights loaded from the checkpoint.
+
+    Args:
+        path: The run directory, or a checkpoint file in it.
+        which: The checkpoint in a run directory (``best.pt`` or ``last.pt``).
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        device: Where to evaluate.
+        root: Overrides ``data.root`` (Omniglot / IDX data moved since training).
+
+    Returns:
+        ``{"split", "checkpoint", "step", "rows", "loss"}`` and ``"accuracy"`` for
+        classification.
+
+    Raises:
+        ConfigError: ``path`` is not a fit run, or the split has no rows.
+        CheckpointError: The checkpoint is missing or damaged.
+    """
+    run_path = fit_run_dir(path)
+    if run_path is None:
+        raise ConfigError(f"{path} is not an `npbml fit` run (no fit config.json next to it)")
+    p = Path(path)
+    ckpt = p if p.is_file() else run_path / which
+    cfg = fit_config_from_dict(json.loads((run_path / "config.json").read_text()))
+    if root is not None:
+        cfg.data.root = root
+    data = build_fit_data(cfg)
+    rows = {"train": data.train, "validation": data.val, "test": data.test}[split]
+    if len(rows[0]) == 0:
+        raise ConfigError(f"the {split} split of {run_path} has no rows; choose another --split")
+    state = load_checkpoint(ckpt, map_location=device)
+    model = build_fit_model(cfg.model, data).to(device)
+    model.load_state_dict(state["model"])
+    res = _named(evaluate(model, *rows, data.task))
+    return {
+        "split": split,
+        "checkpoint": str(ckpt),
+        "step": int(state["step"]),
+        "rows": len(rows[0]),
+        **res,
+    }
 
 
 def _offline_phase(state: _FitRun) -> None:
@@ -689,16 +931,23 @@ def _offline_phase(state: _FitRun) -> None:
 
 
 def _train_steps(state: _FitRun, bar: Any, stop_after: int | None) -> bool:
-    """Steps until the end (True) or until ``stop_after`` (False, as a killed run)."""
+    """Steps until the end (True) or until the run has done ``stop_after`` steps in total
+    (False, as a killed run; a run resumed at or past ``stop_after`` takes no step)."""
     t, spe = state.cfg.train, state.batches.steps_per_epoch
     state.model.train()
     while state.step < state.total_steps:
+        if stop_after is not None and state.step >= stop_after:
+            return False
         epoch = state.step // spe
         lr = _lr_at(state.cfg.optim, epoch, t.epochs)
         state.updater.set_lr(lr)
         base, extra = state.updater.step(state.model, state.batches(state.step), state.step)
-        state.running.append(base)
         state.step += 1
+        if extra.get("skipped") or not math.isfinite(base):
+            _skip(state, base)
+        else:
+            state.nonfinite_streak = 0
+            state.running.append(base)
         bar.update(1)
         bar.set_postfix(loss=f"{base:.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
         end_of_epoch = state.step % spe == 0
@@ -707,35 +956,67 @@ def _train_steps(state: _FitRun, bar: Any, stop_after: int | None) -> bool:
             state.running = []
         if end_of_epoch or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
             state.save_last()
-        if stop_after is not None and state.step >= stop_after:
-            return False
     return True
 
 
+def _skip(state: _FitRun, loss: float) -> None:
+    """A step whose loss or gradient was not finite (its update was dropped): logged as
+    ``npbml train`` logs one, warned; ``train.max_nonfinite_steps`` in a row stop the run."""
+    t, run = state.cfg.train, state.run
+    state.nonfinite_streak += 1
+    # A string, so that metrics.jsonl stays strict JSON (no NaN/Infinity literals).
+    run.append_metrics(
+        {"step": state.step, "split": "train", "skipped": "nonfinite", "batch_loss": str(loss)}
+    )
+    warnings.warn(
+        f"step {state.step}: non-finite loss ({loss}) or gradient; the update was skipped "
+        f"({state.nonfinite_streak}/{t.max_nonfinite_steps} in a row)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    if state.nonfinite_streak >= t.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient (last at "
+            f"step {state.step}); stopped. Check the data for NaN/inf and extreme values, lower "
+            "optim.lr, or pick another loss.name; the last checkpoint "
+            f"{str(run.last_path)!r} (if any) is intact"
+        )
+
+
 def _end_epoch(state: _FitRun, epoch: int, lr: float) -> None:
-    """Validate, log the epoch's record and keep ``best.pt`` at the lowest validation loss."""
+    """Validate, log the epoch's train and validation records and keep ``best.pt`` at the
+    lowest validation loss."""
     data, run = state.data, state.run
     val = evaluate(state.model, *data.val, data.task)
-    record = {
-        "step": state.step,
-        "epoch": epoch + 1,
-        "lr": lr,
-        "train_loss": float(np.mean(state.running)),
-        "time": time.time(),
-    }
-    record.update({f"val_{k}": v for k, v in val.items()})
+    record: dict[str, Any] = {"step": state.step, "split": "train", "epoch": epoch + 1}
+    if state.running:  # an epoch of skipped steps only has no mean loss
+        record["loss"] = float(np.mean(state.running))
+    record.update(lr=lr, time_s=time.perf_counter() - state.started)
     record.update(state.updater.on_epoch_end(run, state.step))
     run.append_metrics(record)
-    if val and val["loss"] < state.best:
+    if not val:
+        return
+    is_best = val["loss"] < state.best
+    record = {"step": state.step, "split": "validation", "epoch": epoch + 1, **_named(val)}
+    run.append_metrics({**record, "best": is_best})
+    if is_best:
         state.best = val["loss"]
         run.save_best({"model": state.model.state_dict(), "step": state.step})
+
+
+def _named(metrics: Mapping[str, float], prefix: str = "") -> dict[str, float]:
+    """:func:`evaluate`'s ``loss`` / ``acc`` under the record names ``loss`` / ``accuracy``."""
+    names = {"loss": "loss", "acc": "accuracy"}
+    return {f"{prefix}{names[k]}": v for k, v in metrics.items()}
 
 
 def _finish(state: _FitRun) -> dict[str, Any]:
     """Test metrics of the final and the best model, logged once; the learned loss saved."""
     data, run = state.data, state.run
     final: dict[str, Any] = {"step": state.step, "final": True}
-    final.update({f"test_{k}": v for k, v in evaluate(state.model, *data.test, data.task).items()})
+    test = evaluate(state.model, *data.test, data.task)
+    final.update({f"test_{k}": v for k, v in test.items()})
+    best: dict[str, float] = {}
     if run.best_path.exists():
         best_model = build_fit_model(state.cfg.model, data).to(state.device)
         best_model.load_state_dict(run.load_best(state.device)["model"])
@@ -743,7 +1024,9 @@ def _finish(state: _FitRun) -> dict[str, Any]:
         final.update({f"best_test_{k}": v for k, v in best.items()})
     records = run.read_metrics()
     if not records or not records[-1].get("final"):
-        run.append_metrics(final)
+        # The record layout of every split, plus the keys of this function's result (read by
+        # scripts/loss_comparison.py).
+        run.append_metrics({"split": "test", **_named(test), **_named(best, "best_"), **final})
     state.updater.on_finish(run)
     return final
 

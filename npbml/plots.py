@@ -1,12 +1,13 @@
 """Plots of runs and learned losses (needs matplotlib: ``pip install 'npbml[plot]'``).
 
-* :func:`plot_runs`: training and validation curves of meta-training runs, from each run
-  directory's ``metrics.jsonl`` (``npbml plot``).
+* :func:`plot_runs`: training and validation curves of ``npbml train`` and ``npbml fit`` runs,
+  from each run directory's ``metrics.jsonl`` (``npbml plot``).
 * :func:`plot_validation_curves`: the validation curves of several methods against training time
   in one picture (``npbml demo``).
 * :func:`plot_learned_loss`: a classification :class:`~npbml.losses.LearnedLoss` as a function of
   the predicted probability ``p`` in [0, 1], for the target class (``y = 1``) and a non-target
-  class (``y = 0``) -- the per-class function ``g_phi(p, y)`` of METHODS.md sec 4 -- with
+  class (``y = 0``) -- the per-class function ``g_phi(p, y)`` of AdaLFL (Raymond et al. 2023,
+  arXiv 2301.13247; docs/methods/learned-losses.md) -- with
   cross-entropy's ``-log p`` for reference.
 * :func:`plot_loss_snapshots`: how that function changes over an AdaLFL run, from snapshots of
   the loss network's ``state_dict`` (e.g. taken every k steps).
@@ -70,10 +71,11 @@ def run_curves(run_dir: str | Path, x: str = "step") -> dict[str, tuple[np.ndarr
     """The curves of one run's ``metrics.jsonl``: ``{panel: (xs, ys)}`` for :data:`PANELS`.
 
     Args:
-        run_dir: a run directory (``npbml train --out``) or its ``metrics.jsonl``.
-        x: ``"step"`` (meta-steps) or ``"time"`` (seconds of training since the start,
-            validation included; a validation point gets the time of its step's training
-            record, interpolated between logged steps).
+        run_dir: a run directory (``npbml train --out`` or ``npbml fit --out``: both write
+            the record layout of :mod:`npbml.run_dir`) or its ``metrics.jsonl``.
+        x: ``"step"`` (meta-steps, or optimizer steps of a fit run) or ``"time"`` (seconds of
+            training since the start, validation included; a validation point gets the time of
+            its step's training record, interpolated between logged steps).
 
     Returns:
         The curves with at least one point (a run with no validation yet has no
@@ -90,8 +92,8 @@ def run_curves(run_dir: str | Path, x: str = "step") -> dict[str, tuple[np.ndarr
     records = read_metrics(path)
     if not records:
         raise FileNotFoundError(
-            f"no training records in {path}: pass the folder that `npbml train --out` (or "
-            "`npbml demo`, one folder per method) wrote"
+            f"no training records in {path}: pass the folder that `npbml train --out` or "
+            "`npbml fit --out` (or `npbml demo`, one folder per method) wrote"
         )
     train = [r for r in records if r.get("split") == "train" and "time_s" in r]
     t_steps = np.array([r["step"] for r in train], dtype=float)
@@ -132,7 +134,7 @@ def plot_runs(
         title: the validation panel's title (default: :data:`PANELS`').
 
     Returns:
-        ``path``.
+        The file written: ``path``, with ``.png`` added when it has no extension.
 
     Raises:
         ImportError: matplotlib is missing (the message names the ``plot`` extra).
@@ -157,13 +159,21 @@ def plot_runs(
             for i, (label, acc) in enumerate((references or {}).items()):
                 ax.axhline(acc, ls="--", lw=1.0, color=f"C{len(curves) + i}", label=label)
         ax.set_title(title if title and name == "validation" else PANELS[name][0], fontsize=9)
-        ax.set_xlabel("meta-steps" if x == "step" else "time (s, validation included)")
+        ax.set_xlabel("steps" if x == "step" else "time (s, validation included)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    out = png_path(path)
+    fig.savefig(out, dpi=120)
     plt.close(fig)
-    return Path(path)
+    return out
+
+
+def png_path(path: str | Path) -> Path:
+    """The file a figure saved to ``path`` lands in: ``path``, with ``.png`` added when it has
+    no extension (as matplotlib's ``savefig`` does)."""
+    p = Path(path)
+    return p if p.suffix else p.with_name(p.name + ".png")
 
 
 def plot_validation_curves(

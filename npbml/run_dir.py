@@ -6,10 +6,27 @@ Meta-training (:mod:`npbml.train`), supervised fitting (:mod:`npbml.fit`) and th
 - a snapshot of the run's config (``config.yaml`` or ``config.json``);
 - ``metrics.jsonl``: one JSON object per line, each with a ``"step"``; appended as the run goes
   and cut back to the checkpoint's step when the run resumes, so that a resumed run ends with the
-  lines of an uninterrupted one;
+  lines of an uninterrupted one (record layout below);
 - ``last`` and ``best`` checkpoints, written atomically (:mod:`npbml.checkpoint`): a crash
   leaves the previous file or the new one, never a partial file. A ``.pt`` name is a torch
   checkpoint, a ``.json`` name a JSON document.
+
+The metrics record layout, shared by ``npbml train`` and ``npbml fit`` (and read by
+``npbml plot``): every record has ``"step"`` (the number of steps done when it was written;
+meta-steps for ``train``, optimizer steps for ``fit``) and ``"split"``, one of
+
+- ``"train"``: ``loss`` (mean over the steps since the last train record), ``accuracy`` when
+  known (``train``), ``lr``, ``time_s`` (seconds since the process began training); ``fit``
+  adds ``epoch``. A step whose loss or gradient was not finite was skipped and has a record of
+  its own, ``{"step", "split": "train", "skipped": "nonfinite", ...}`` (values as strings);
+- ``"validation"``: ``accuracy`` (and ``ci95``, ``tasks`` for episodes) and/or ``loss``,
+  ``best`` (whether this validation wrote ``best.pt``);
+- ``"test"``: ``loss``, ``accuracy``, and ``best_loss`` / ``best_accuracy`` of ``best.pt``,
+  with ``"final": true``: the last record of a finished ``fit`` run (it also carries the keys
+  of :func:`npbml.fit.fit`'s result, ``test_acc``, ...).
+
+Files of the earlier ``npbml fit`` layout (records without ``"split"``) are read in this one
+(:func:`upgrade_records`).
 
 Whether a run may be resumed under a changed config is :meth:`RunDir.check_resumable`'s
 decision: the dotted keys that differ, less those the caller declares harmless.
@@ -35,7 +52,7 @@ from npbml.checkpoint import (
 )
 from npbml.config import ConfigError
 
-__all__ = ["RunDir", "check_resumable", "diff_mappings", "read_metrics"]
+__all__ = ["RunDir", "check_resumable", "diff_mappings", "read_metrics", "upgrade_records"]
 
 
 def diff_mappings(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -107,15 +124,60 @@ def check_resumable(
     )
 
 
+def upgrade_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the legacy ``npbml fit`` layout rewritten in the shared one (module docstring).
+
+    Before the layouts were unified, ``npbml fit`` wrote one record per epoch, ``{"step",
+    "epoch", "lr", "train_loss", "time", "val_loss", "val_acc", ...}``, and a last one
+    ``{"step", "final": true, "test_loss", "test_acc", ...}``, none with a ``"split"``. Each
+    epoch record becomes a ``train`` record (``loss``, ``lr``, the other keys) and a
+    ``validation`` one (``loss``, ``accuracy``, ``best``: lowest validation loss so far); the
+    final record gets ``split="test"``, ``loss``, ``accuracy`` and ``best_loss`` /
+    ``best_accuracy`` besides its own keys. Other records (with a ``"split"``, or of another
+log) are kept as they are.
+
+    Args:
+        records: Records in file order.
+
+    Returns:
+        The records in the shared layout.
+    """
+    out: list[dict[str, Any]] = []
+    best = float("inf")
+    for r in records:
+        if "split" in r or not ("train_loss" in r or (r.get("final") and "test_loss" in r)):
+            out.append(r)  # the shared layout, or another log (e.g. an EvoMAL search's)
+        elif r.get("final"):
+            named = {"loss": "test_loss", "accuracy": "test_acc"}
+            named.update(best_loss="best_test_loss", best_accuracy="best_test_acc")
+            out.append({"split": "test", **{k: r[o] for k, o in named.items() if o in r}, **r})
+        else:
+            train = {k: v for k, v in r.items() if not k.startswith("val_")}
+            train = {"split": "train", **train}
+            if "train_loss" in train:
+                train["loss"] = train.pop("train_loss")
+            out.append(train)
+            if "val_loss" in r:
+                val = {"step": r["step"], "split": "validation", "epoch": r.get("epoch")}
+                val["loss"] = r["val_loss"]
+                if "val_acc" in r:
+                    val["accuracy"] = r["val_acc"]
+                val["best"] = r["val_loss"] < best
+                best = min(best, r["val_loss"])
+                out.append(val)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file.
+    """The records of a ``metrics.jsonl`` file, in the shared layout (module docstring).
 
     Args:
         path: The file; a missing file has no records.
 
     Returns:
         The records in file order, up to the first line that is not valid JSON (a line cut by a
-        kill mid-write: everything after it is lost anyway).
+        kill mid-write: everything after it is lost anyway); a file of the legacy
+        ``npbml fit`` layout is read through :func:`upgrade_records`.
     """
     p = Path(path)
     if not p.is_file():
@@ -127,7 +189,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-    return out
+    return upgrade_records(out)
 
 
 class RunDir:

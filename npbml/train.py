@@ -1,6 +1,7 @@
 """Meta-training loop: outer optimisation, validation, checkpoints, metrics and exact resume.
 
-One outer step (METHODS.md sections 2-3): draw a meta-batch of ``B`` tasks, let the learner
+One outer step (Finn et al. 2017, arXiv 1703.03400; the protocol of docs/methods/protocol.md,
+the NPBML learner of docs/methods/npbml.md): draw a meta-batch of ``B`` tasks, let the learner
 compute the meta-loss ``(1/B) sum_i L(Q_i; theta_i')`` of its adapted parameters, and take an
 optimizer step on the meta-parameters (Adam by default, Finn et al. 2017).
 
@@ -113,6 +114,8 @@ class TrainResult:
     ``learner`` holds the final parameters (``out_dir/best.pt`` the best-validation ones);
     ``finished`` is False when the run was paused before ``meta_steps``. ``rank`` /
     ``world_size``: this process's place in a multi-process run (0 / 1 for a single process).
+    ``new_steps``: the steps this call took (0 when the run was already finished, or already
+    at ``max_steps``).
     """
 
     out_dir: Path
@@ -123,6 +126,7 @@ class TrainResult:
     finished: bool
     rank: int = 0
     world_size: int = 1
+    new_steps: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +438,8 @@ def train(
 
     ``resume``: continue from ``out_dir/last.pt`` when it exists (else start over, overwriting the
     run's files). ``max_steps`` / ``max_seconds`` pause the run early (after the step that reaches
-    the limit), writing ``last.pt`` so that a later call continues it; so does ``stop_when(step)``
+    the limit), writing ``last.pt`` so that a later call continues it; ``max_steps`` counts the
+    run's steps in total, so a run resumed at or past it takes no step; so does ``stop_when(step)``
     returning True. ``callbacks`` are called as ``cb(step, records)`` after every step, once that
     step's files are written, with the metric records of that step; an exception raised there
     aborts the run as a crash would. ``tasksets``: samplers already built by
@@ -575,6 +580,8 @@ def _train(
     clock = _Clock(now, now)
     try:
         while state.step < t.meta_steps:
+            if limits.max_steps is not None and state.step >= limits.max_steps:
+                break  # resumed at or past max_steps: a total, so no new step
             meta_step(state, group, run)
             clock.tasks += t.meta_batch_size
             records = []
@@ -601,7 +608,15 @@ def _train(
         _save(state, run, group, best=True)  # paused before any validation: the latest state
     finished = state.step >= t.meta_steps
     return TrainResult(
-        out, state.step, state.best, state.learner, config, finished, group.rank, group.world_size
+        out,
+        state.step,
+        state.best,
+        state.learner,
+        config,
+        finished,
+        group.rank,
+        group.world_size,
+        new_steps=state.step - start_step,
     )
 
 
@@ -645,7 +660,8 @@ def meta_step(state: TrainState, group: SingleProcess, run: RunDir) -> StepStats
         loss_t.backward()
         loss = info.get("loss", loss_t.detach())
     # One norm over all meta-gradients (needed for clipping anyway) tells whether any is
-    # non-finite; learned losses and preconditioners can diverge (METHODS.md sec 3).
+    # non-finite; learned losses and preconditioners can diverge (Raymond et al. 2023, arXiv
+    # 2301.13247; docs/methods/learned-losses.md).
     norm = grad_norm(params)
     meta_loss = loss if loss is not None else 0.0
     finite = bool(torch.isfinite(norm)) and math.isfinite(float(meta_loss))

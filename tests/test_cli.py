@@ -344,3 +344,58 @@ def test_nothing_in_the_library_imports_the_cli():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def _fit_yaml(tmp_path, epochs: int = 2):
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = (g.normal(size=(3, 4)) * 3)[y] + g.normal(size=(60, 4)) * 0.3
+    np.savez(tmp_path / "d.npz", x=x.astype(np.float32), y=y)
+    cfg = {
+        "data": {"kind": "arrays", "path": str(tmp_path / "d.npz")},
+        "model": {"name": "mlp", "hidden": [8]},
+        "train": {"epochs": epochs, "batch_size": 16, "progress": False},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_eval_of_a_fit_run_evaluates_its_test_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["fit", "--config", str(_fit_yaml(tmp_path)), "--out", str(out)]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli.main(["eval", "--checkpoint", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["split"] == "test" and res["rows"] == 6 and res["checkpoint"].endswith("best.pt")
+    assert res["accuracy"] == final["best_test_acc"] and res["loss"] == final["best_test_loss"]
+    assert cli.main(["eval", "--checkpoint", str(out / "last.pt"), "--split", "validation"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("validation accuracy ") and "(6 rows;" in text
+    assert cli.main(["eval", "--checkpoint", str(out), "--tasks", "5"]) == 2
+    assert "drop --tasks" in _error_line(capsys)
+
+
+def test_max_steps_counts_total_steps(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(out), "--quiet", "--max-steps", "2"]
+    assert cli.main(argv) == 0
+    assert "paused at step 2/4" in capsys.readouterr().out
+    for _ in range(2):  # rerunning with the same total takes no step
+        assert cli.main(argv) == 0
+        said = capsys.readouterr().out
+        assert "nothing to do" in said and "paused at step 2/4" in said
+        assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert cli.main([*argv[:-1], "3"]) == 0
+    assert "paused at step 3/4" in capsys.readouterr().out
+    assert cli.main([*argv[:-1], "0"]) == 2
+    assert "--max-steps must be >= 1" in _error_line(capsys)
+
+
+def test_train_out_that_is_a_file_is_refused(tiny_yaml, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    argv = ["train", "--config", str(tiny_yaml), "--out", str(tmp_path / "afile"), "--quiet"]
+    assert cli.main(argv) == 2
+    assert "not a directory" in _error_line(capsys)

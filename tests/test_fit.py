@@ -54,8 +54,13 @@ def test_fit_learns_and_writes_metrics(blobs, tmp_path, loss):
     final = fit(_cfg(blobs, **loss), tmp_path / "run")
     assert final["test_acc"] > 0.9  # separable blobs; chance is 1/3
     records = [json.loads(s) for s in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records[:-1]] == [1, 2, 3] and records[-1]["final"]
-    assert records[0]["lr"] > records[-2]["lr"]  # cosine schedule
+    # The layout shared with npbml train: a train and a validation record per epoch, then test.
+    assert [(r["split"], r.get("epoch")) for r in records] == [
+        (split, e) for e in (1, 2, 3) for split in ("train", "validation")
+    ] + [("test", None)]
+    assert records[-1]["final"] and records[-1]["accuracy"] == final["test_acc"]
+    train = [r for r in records if r["split"] == "train"]
+    assert train[0]["lr"] > train[-1]["lr"]  # cosine schedule
     assert (tmp_path / "run/last.pt").exists() and (tmp_path / "run/best.pt").exists()
 
 
@@ -82,8 +87,9 @@ def test_killed_run_resumes_exactly(blobs, tmp_path, loss):
         assert torch.equal(a[k], b[k]), k
     ma = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "killed/metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(s).items() if k != "time"} for s in ma]
-    assert strip == [{k: v for k, v in json.loads(s).items() if k != "time"} for s in mb]
+    timing = ("time", "time_s")
+    strip = [{k: v for k, v in json.loads(s).items() if k not in timing} for s in ma]
+    assert strip == [{k: v for k, v in json.loads(s).items() if k not in timing} for s in mb]
 
 
 def test_resume_refuses_a_different_config(blobs, tmp_path):
@@ -297,7 +303,11 @@ def test_fit_matches_the_recorded_run_of_the_previous_code(tmp_path, name):
     # (to rounding: see reference_runs.assert_matches_recording).
     from reference_runs import REFERENCE, assert_matches_recording, fit_outputs
 
+    from npbml.run_dir import upgrade_records
+
     recorded = json.loads(REFERENCE.read_text())["fit"][name]
+    # Recorded in the earlier fit layout: compared in the shared one (the same numbers).
+    recorded["metrics"] = upgrade_records(recorded["metrics"])
     assert_matches_recording(json.loads(json.dumps(fit_outputs(tmp_path, name))), recorded)
 
 
@@ -452,6 +462,31 @@ def test_resume_within_an_epoch_logs_the_same_train_loss(blobs, tmp_path, loss):
 
     def lines(run):
         text = (tmp_path / run / "metrics.jsonl").read_text()
-        return [{k: v for k, v in json.loads(s).items() if k != "time"} for s in text.splitlines()]
+        timing = ("time", "time_s")
+        return [
+            {k: v for k, v in json.loads(s).items() if k not in timing} for s in text.splitlines()
+        ]
 
     assert lines("killed") == lines("full")
+
+
+def test_resume_ignores_settings_that_do_not_change_the_result(blobs, tmp_path):
+    cfg = _cfg(blobs)
+    full = fit(cfg, tmp_path / "full")
+    assert fit(cfg, tmp_path / "run", stop_after=5) == {"stopped_at": 5}
+    cfg["train"].update(progress=True, threads=1, checkpoint_every=2, max_nonfinite_steps=9)
+    assert fit(cfg, tmp_path / "run") == full
+    cfg["optim"]["lr"] = 0.1  # this one changes the result: refused
+    with pytest.raises(ConfigError, match="optim.lr"):
+        fit(cfg, tmp_path / "run")
+
+
+def test_stop_after_counts_total_steps(blobs, tmp_path):
+    cfg = _cfg(blobs)
+    assert fit(cfg, tmp_path / "run", stop_after=4) == {"stopped_at": 4}
+    before = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert fit(cfg, tmp_path / "run", stop_after=4) == {"stopped_at": 4}  # no new step
+    after = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert after["step"] == 4 and torch.equal(
+        after["model"]["1.weight"], before["model"]["1.weight"]
+    )

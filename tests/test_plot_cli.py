@@ -86,3 +86,58 @@ def test_plot_bad_input_is_one_error_line(tmp_path, capsys):
     argv = ["plot", str(run), "--labels", "one", "two", "--out", str(tmp_path / "c.png")]
     assert cli.main(argv) == 2
     assert "--labels has 2 names for 1 runs" in capsys.readouterr().err
+
+
+def _fit_run(tmp_path):
+    """A tiny finished ``npbml fit`` run (3 blobs, 2 epochs)."""
+    from npbml.fit import fit
+
+    g = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = (g.normal(size=(3, 4)) * 3)[y] + g.normal(size=(60, 4)) * 0.3
+    np.savez(tmp_path / "d.npz", x=x.astype(np.float32), y=y)
+    cfg = {
+        "data": {"kind": "arrays", "path": str(tmp_path / "d.npz")},
+        "model": {"name": "mlp", "hidden": [8]},
+        "train": {"epochs": 2, "batch_size": 16, "progress": False},
+    }
+    fit(cfg, tmp_path / "fitrun")
+    return tmp_path / "fitrun"
+
+
+def test_a_fit_run_plots_its_curves(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _fit_run(tmp_path)
+    c = run_curves(run)
+    # 48 training rows, batches of 16: 3 steps per epoch, one train and validation point each.
+    np.testing.assert_allclose(c["train-loss"][0], [3, 6])
+    np.testing.assert_allclose(c["validation"][0], [3, 6])
+    val = c["validation"][1]
+    assert np.isfinite(c["train-loss"][1]).all() and (val >= 0).all() and (val <= 1).all()
+    assert "train-accuracy" not in c  # fit logs no training accuracy
+    assert run_curves(run, x="time")["validation"][0][-1] > 0
+    out = tmp_path / "fit.png"
+    assert cli.main(["plot", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_with_nothing_to_draw_is_an_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _write_run(tmp_path / "a")
+    out = tmp_path / "c.png"
+    # A run whose records have no point in the chosen panel: an error, not empty axes.
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 1}) + "\n")
+    assert cli.main(["plot", str(run), "--panels", "validation", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to plot" in err[0] and "train-loss" in err[0]
+    assert not out.exists()
+
+
+def test_plot_out_without_extension_reports_the_file_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _write_run(tmp_path / "a")
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "afile")]) == 0
+    written = tmp_path / "afile.png"
+    assert capsys.readouterr().out.strip() == f"wrote {written}"
+    assert written.is_file() and not (tmp_path / "afile").exists()

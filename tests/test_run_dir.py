@@ -132,3 +132,46 @@ def test_check_resumable_without_a_run_directory_names_where():
     other = {**longer, "search": {"generations": 9, "population": 16}}
     with pytest.raises(ConfigError, match=r"^the checkpoint holds .*search.population: 8 -> 16"):
         check_resumable(saved, other, where="the checkpoint", ignore=free)
+
+
+def test_checkpoints_get_the_mode_of_the_other_run_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run = RunDir(tmp_path / "run", config_name="config.json")
+        run.save_config({"a": 1})
+        run.save_last({"step": 1})
+        run.save_best({"step": 1})
+        run.append_metrics({"step": 1})
+        modes = {p.name: p.stat().st_mode & 0o777 for p in run.path.iterdir()}
+        assert modes == dict.fromkeys(["config.json", "last.pt", "best.pt", "metrics.jsonl"], 0o644)
+        os.umask(0o077)
+        run.save_last({"step": 2})
+        assert run.last_path.stat().st_mode & 0o777 == 0o600  # the umask is respected
+    finally:
+        os.umask(old)
+
+
+def test_legacy_fit_records_are_read_in_the_shared_layout(tmp_path):
+    from npbml.run_dir import upgrade_records
+
+    legacy = [
+        {"step": 4, "epoch": 1, "lr": 0.1, "train_loss": 0.9, "val_loss": 0.8, "val_acc": 0.5},
+        {"step": 8, "epoch": 2, "lr": 0.1, "train_loss": 0.7, "val_loss": 0.85, "val_acc": 0.6},
+        {"step": 8, "final": True, "test_loss": 0.9, "test_acc": 0.55, "best_test_acc": 0.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    records = RunDir(tmp_path).read_metrics()
+    assert [(r["step"], r["split"]) for r in records] == [
+        (4, "train"),
+        (4, "validation"),
+        (8, "train"),
+        (8, "validation"),
+        (8, "test"),
+    ]
+    assert records[0] == {"step": 4, "split": "train", "epoch": 1, "lr": 0.1, "loss": 0.9}
+    assert [r["best"] for r in records if r["split"] == "validation"] == [True, False]
+    assert records[3]["accuracy"] == 0.6 and records[4]["accuracy"] == 0.55
+    assert records[4]["best_accuracy"] == 0.5 and records[4]["test_acc"] == 0.55
+    # Records of the shared layout and of other logs pass unchanged.
+    other = [{"step": 1, "split": "train", "loss": 1.0}, {"step": 2, "generation": 0}]
+    assert upgrade_records(other) == other

@@ -12,11 +12,12 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from npbml.config import Config
+from npbml.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,28 @@ def add_no_resume_flag(p: argparse.ArgumentParser, help: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Output helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """A run directory to write: refused when it exists and is not a directory.
+
+    Args:
+        path: the directory given on the command line.
+        flag: the option that named it, for the message.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: ``path`` is an existing file (the message names it and the fix).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(
+            f"{flag} {str(p)!r} is an existing file, not a directory: choose another {flag} "
+            "(a directory, created when missing) or move the file away"
+        )
+    return p
 
 
 def pct(x: float) -> str:

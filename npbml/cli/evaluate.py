@@ -1,7 +1,8 @@
 """``npbml eval`` and ``npbml eval-lake``: test a trained run.
 
-``eval`` gives the mean accuracy with a 95% interval over fixed episodes of a split; ``eval-lake``
-the error rate on Lake et al.'s twenty 20-way one-shot runs.
+``eval`` gives the mean accuracy with a 95% interval over fixed episodes of a split (of an
+``npbml train`` run), or the accuracy and loss on every row of a split (of an ``npbml fit`` run);
+``eval-lake`` the error rate on Lake et al.'s twenty 20-way one-shot runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from npbml.config import ConfigError
 def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--which``, ``--device`` and ``--json``: the options both commands
     share (read by :func:`_load_run`)."""
-    p.add_argument("--checkpoint", required=True, help="run directory (uses best.pt) or a .pt file")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory of npbml train or npbml fit (uses best.pt), or a .pt file in one",
+    )
     p.add_argument("--which", default="best.pt", help="checkpoint file in a run directory")
     add_device_flag(p)
     add_json_flag(p)
@@ -61,7 +66,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--split",
         choices=("train", "validation", "test"),
         default=None,
-        help="episodes of this split (default: eval.split, normally test)",
+        help="episodes of this split (default: eval.split, normally test); of an npbml fit "
+        "run: all its rows of this split (default test)",
     )
     p.add_argument("--root", default=None, help="dataset root (default: the run's data.root)")
 
@@ -79,8 +85,11 @@ def run_eval(args: argparse.Namespace) -> int:
         ConfigError: ``--tasks`` is below 1.
     """
     from npbml.evaluate import evaluate
+    from npbml.fit import fit_run_dir
     from npbml.train import make_tasksets
 
+    if fit_run_dir(args.checkpoint) is not None:
+        return _run_eval_fit(args)
     device, path, learner, config, state = _load_run(args)
     use_threads(config)
     split = args.split or config.eval.split
@@ -106,6 +115,40 @@ def run_eval(args: argparse.Namespace) -> int:
         "shots": config.data.shots,
     }
     emit(out, args.json, f"{split} accuracy {format_accuracy(res)}\n  {describe(config)}")
+    return 0
+
+
+def _run_eval_fit(args: argparse.Namespace) -> int:
+    """``npbml eval`` of an ``npbml fit`` run: its checkpoint on every row of one split of its
+    own data (default test), as :func:`npbml.fit.evaluate_run`.
+
+    Args:
+        args: the parsed options of :func:`add_eval_arguments`.
+
+    Returns:
+        The exit code, 0.
+
+    Raises:
+        ConfigError: ``--tasks`` was given (a fit run is not evaluated on episodes).
+    """
+    from npbml.fit import evaluate_run
+    from npbml.train import resolve_device
+
+    if args.tasks is not None:
+        raise ConfigError(
+            f"--tasks counts few-shot episodes, but {args.checkpoint} is an `npbml fit` run, "
+            "evaluated on every row of a split: drop --tasks"
+        )
+    split = args.split or "test"
+    res = evaluate_run(
+        args.checkpoint, args.which, split, resolve_device(args.device), root=args.root
+    )
+    score = f"accuracy {pct(res['accuracy'])}, " if "accuracy" in res else ""
+    text = (
+        f"{split} {score}loss {res['loss']:.4f} ({res['rows']} rows; {res['checkpoint']} "
+        f"at step {res['step']})"
+    )
+    emit(res, args.json, text)
     return 0
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from npbml.cli.common import Command, add_config_flag, add_no_resume_flag, add_set_flag
+from npbml.cli.common import (
+    Command,
+    add_config_flag,
+    add_no_resume_flag,
+    add_set_flag,
+    check_out_dir,
+)
 from npbml.config import apply_overrides, fit_config_from_dict, read_yaml
 
 FIT_HELP = (
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from npbml.fit import fit
 
     cfg = fit_config_from_dict(apply_overrides(read_yaml(args.config), args.overrides))
-    final = fit(cfg, args.out, resume=not args.no_resume)
+    final = fit(cfg, check_out_dir(args.out), resume=not args.no_resume)
     print(json.dumps(final))
     return 0
 

@@ -1,4 +1,5 @@
-"""``npbml plot``: training and validation curves of runs, from their ``metrics.jsonl``, as a PNG.
+"""``npbml plot``: training and validation curves of ``npbml train`` and ``npbml fit`` runs, from
+their ``metrics.jsonl`` (one record layout, :mod:`npbml.run_dir`), as a PNG.
 
 matplotlib is the optional ``plot`` extra (``pip install 'npbml[plot]'``); without it the command
 stops with one error line naming the extra, before reading anything.
@@ -24,12 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "runs", nargs="+", metavar="RUN", help="run directories (each with a metrics.jsonl)"
     )
-    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument(
+        "--out",
+        default="curves.png",
+        help="the PNG to write (default curves.png; .png is added to a name without extension)",
+    )
     p.add_argument(
         "--x",
         choices=("step", "time"),
         default="step",
-        help="x axis: meta-steps (default) or seconds of training",
+        help="x axis: steps (default; meta-steps of a train run) or seconds of training",
     )
     p.add_argument(
         "--panels",
@@ -80,9 +85,34 @@ def run(args: argparse.Namespace) -> int:
     labels = _labels(args.runs, args.labels)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two runs have the same label ({labels}); pass --labels")
-    out = plot_runs(dict(zip(labels, args.runs)), args.out, panels=args.panels, x=args.x)
+    has = set().union(*(_check_plottable(r, args.panels, args.x) for r in args.runs))
+    # A panel no run has a point for (e.g. training accuracy, which fit runs do not log) is left
+    # out rather than drawn empty.
+    panels = [p for p in args.panels if p in has]
+    out = plot_runs(dict(zip(labels, args.runs)), args.out, panels=panels, x=args.x)
     print(f"wrote {out}")
     return 0
+
+
+def _check_plottable(run_dir: str, panels: list[str], x: str) -> set[str]:
+    """The panels a run has points for; a run with none of the chosen ones is refused (it
+    would draw empty axes).
+
+    Raises:
+        FileNotFoundError: the run has no metrics records.
+        ConfigError: none of its records fits ``panels`` (the message names what it has).
+    """
+    from npbml.plots import PANELS, run_curves
+
+    curves = run_curves(run_dir, x)
+    if not any(p in curves for p in panels):
+        has = ", ".join(sorted(curves)) or "none"
+        wanted = ", ".join(f"{p} ({PANELS[p][1]} {PANELS[p][2]})" for p in panels)
+        raise ConfigError(
+            f"{run_dir}: nothing to plot for --panels {' '.join(panels)}: its metrics.jsonl has "
+            f"no records of {wanted} (curves it has: {has}); choose other --panels"
+        )
+    return set(curves)
 
 
 COMMAND = Command(
