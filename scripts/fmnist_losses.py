@@ -51,7 +51,7 @@ from torch import nn
 
 from npbml.evomal import EvolvedLoss, load_evolved_loss
 from npbml.inner import InnerSGD
-from npbml.loss_learning import ML3, AdaLFL
+from npbml.loss_learning import ML3, AdaLFL, GuardedLoss
 from npbml.losses import LearnedLoss, sparse_label_smoothing
 from npbml.models import build_model
 from tasks.idx import load_idx_float
@@ -305,9 +305,12 @@ def trajectory(args: argparse.Namespace, data: dict, loss: str) -> dict[str, Any
     it = batches(data["train"], args.tune_seed)
     opt = base_optimizer(args, lr)
     if loss == "adalfl":
-        learner = AdaLFL(model, LearnedLoss(), base_lr=lr, momentum=opt["momentum"],
+        net = LearnedLoss()
+        # --scale-lock: the logit gradient keeps CE's norm on every batch (both bounds 1).
+        guard = GuardedLoss(net, 1.0, 1.0) if args.scale_lock else False
+        learner = AdaLFL(model, net, base_lr=lr, momentum=opt["momentum"],
                          nesterov=opt["nesterov"], weight_decay=opt["weight_decay"],
-                         meta_lr=1e-3, guard=False, horizon=args.horizon)  # fmt: skip
+                         meta_lr=1e-3, guard=guard, horizon=args.horizon)  # fmt: skip
         learner.offline_init(offline_pairs(it, args.offline_steps), args.offline_steps)
         loss_fn: Callable = learner.loss
         current = next(it)
@@ -425,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--offline-steps", type=int, default=250)
     ap.add_argument("--base", choices=["sgd", "nesterov"], default="nesterov")
+    ap.add_argument("--scale-lock", action="store_true", help="trajectory: AdaLFL scale-locked")
     ap.add_argument(
         "--horizon", choices=["step", "momentum"], default="step",
         help="AdaLFL's look-ahead: the next step (the paper's) or the momentum's (npbml.inner)",
