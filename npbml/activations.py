@@ -10,7 +10,7 @@ from torch import nn
 def smooth_leaky_relu(x: torch.Tensor, gamma: float = 0.25, beta: float = 5.0) -> torch.Tensor:
     """Smooth leaky ReLU: ``gamma * x + (1 - gamma) * softplus_beta(x)``.
 
-    ``softplus_beta(x) = log(1 + exp(beta * x)) / beta`` (METHODS.md sections 3-4; Raymond et al.,
+    ``softplus_beta(x) = log(1 + exp(beta * x)) / beta`` (docs/methods/npbml.md; Raymond et al.,
     "Online Loss Function Learning", arXiv 2301.13247). It is a smooth, everywhere-differentiable
     leaky ReLU whose slope runs from ``gamma`` (x -> -inf) to 1 (x -> +inf); smoothness matters
     because learned losses are differentiated twice in meta-training.

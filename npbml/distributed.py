@@ -8,7 +8,7 @@ machine; :func:`init_distributed` reads torchrun's environment (``RANK``, ``WORL
 ``WORLD_SIZE=1``) nothing is initialised and training runs exactly as a single process.
 
 Data parallelism over the tasks of a meta-batch. The outer objective of MAML-style meta-learning
-(Finn et al. 2017, eq. 3; METHODS.md section 3) is the mean over the ``B`` tasks of a meta-batch,
+(Finn et al. 2017, eq. 3; docs/methods/npbml.md) is the mean over the ``B`` tasks of a meta-batch,
 
     grad L(theta) = (1/B) sum_{k=0}^{B-1} grad L_k(theta),
 
@@ -331,7 +331,7 @@ def evaluate_sharded(
 
     Rank ``r`` adapts to episodes ``r, r + W, ...`` of ``0 .. num_tasks-1``; the per-task
     accuracies are gathered back into episode order, so the mean and 95% interval are exactly a
-    single process's (METHODS.md section 1), on every rank.
+    single process's (docs/methods/protocol.md), on every rank.
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")

@@ -1,6 +1,6 @@
 """Meta-test evaluation: mean accuracy with a 95% interval over fixed episodes, and Lake's runs.
 
-Protocol (METHODS.md section 1): adapt on each test task's support set, score its query set, and
+Protocol (docs/methods/protocol.md): adapt on each test task's support set, score its query set, and
 report the mean accuracy over at least 600 tasks with the half-width ``1.96 * std / sqrt(n)`` of
 a normal-approximation 95% confidence interval.
 """
@@ -33,7 +33,7 @@ class LakeRunsLike(Protocol):
 def mean_confidence_interval(
     values: Sequence[float] | np.ndarray | torch.Tensor, ddof: int = 1
 ) -> tuple[float, float]:
-    """Mean and 95% half-width ``1.96 * s / sqrt(n)`` of ``values`` (METHODS.md section 1).
+    """Mean and 95% half-width ``1.96 * s / sqrt(n)`` of ``values`` (docs/methods/protocol.md).
 
     ``s`` is the standard deviation with ``ddof`` delta degrees of freedom. The default
     ``ddof=1`` (the sample standard deviation, whose square is the unbiased variance estimate)
@@ -157,7 +157,7 @@ def paired_difference(
 ) -> dict[str, Any]:
     """Paired per-episode difference ``a - b`` of two learners on the SAME episodes.
 
-    The comparison METHODS.md section 2 asks for: on fixed test episodes the per-episode
+    The comparison docs/methods/protocol.md asks for: on fixed test episodes the per-episode
     differences cancel the episode difficulty both learners share, so their interval is much
     narrower than the two accuracies' intervals suggest. The interval is that of
     :func:`mean_confidence_interval` over the differences (``mean +- 1.96 * s / sqrt(n)``).
@@ -233,7 +233,9 @@ def pooled_paired_difference(
 def evaluate_lake(
     learner: Evaluable, runs: LakeRunsLike, device: torch.device | str | None = None
 ) -> dict[str, Any]:
-    """Error rate on Lake et al.'s (2015) 20-way within-alphabet one-shot runs (METHODS.md 7).
+    """Error rate on Lake et al.'s (2015) 20-way within-alphabet one-shot runs.
+
+    Format of the runs: docs/data-formats.md.
 
     Each run is one episode (20 support images, one per class; 20 query items); the learner
     adapts on the support and classifies the items. The error rate is the number of misclassified

@@ -1,7 +1,8 @@
 """FiLM task adaptation (feature-wise linear modulation) for NPBML.
 
-NPBML (Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983; METHODS.md
-section 3) makes its meta-learned procedural biases task-adaptive with FiLM (Perez et al., 2018):
+NPBML (Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983;
+docs/methods/npbml.md) makes its meta-learned procedural biases task-adaptive with FiLM
+(Perez et al., 2018):
 
     FiLM(h; c) = (1 + gamma(c)) * h + beta(c),
 
@@ -83,8 +84,8 @@ def global_context(x: torch.Tensor) -> torch.Tensor:
 class FiLMGenerator(nn.Module):
     """Linear generator ``context [B, in_features] -> (gamma, beta)``, each ``[B, num_features]``.
 
-    Weights ~ N(0, ``init_std``) and zero bias (METHODS.md sec. 3: "generator weights start
-    ~ N(0, 0.01)"; we read 0.01 as the standard deviation), so ``FiLM ~ identity`` at init.
+    Weights ~ N(0, ``init_std``) and zero bias (docs/methods/npbml.md: the generator weights start
+    ~ N(0, 0.01); we read 0.01 as the standard deviation), so ``FiLM ~ identity`` at init.
     ``init_std=0`` gives an exact identity, which the tests use to check NPBML == MAML/SGD.
     """
 
@@ -277,7 +278,7 @@ def block_channels(block: nn.Module) -> tuple[int, int]:
 
 
 class FiLMBlock(nn.Module):
-    """An encoder block with FiLM task adaptation (NPBML, METHODS.md sec. 3).
+    """An encoder block with FiLM task adaptation (NPBML, docs/methods/npbml.md).
 
     The generator reads the global-average-pooled block *input* (per sample); gamma/beta act after
     BatchNorm and before the nonlinearity: for ``npbml.models.ConvBlock`` between BN and ReLU, for
@@ -338,8 +339,8 @@ def film_block_forward(
 class FiLMLinear(nn.Module):
     """Linear layer FiLM-modulated by its own input: ``FiLM(W x + b; x)``.
 
-    Used for every layer of NPBML's loss MLPs (METHODS.md sec. 3: "every linear layer is
-    FiLM-modulated by its own input"). The linear weights follow ``init_std`` too (the loss
+    Used for every layer of NPBML's loss MLPs (docs/methods/npbml.md: every linear layer is
+    FiLM-modulated by its own input). The linear weights follow ``init_std`` too (the loss
     networks start ~ N(0, 0.01)); biases start at zero. With ``film=False`` it is a plain linear
     layer with the same initialisation (the "no FiLM" ablation rows).
     """

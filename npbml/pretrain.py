@@ -1,6 +1,6 @@
 """Pre-training stages of the NPBML pipeline: the supervised backbone and the relation network.
 
-NPBML (Raymond et al., arXiv 2406.07983; METHODS.md sec. 3) starts from a backbone pre-trained
+NPBML (Raymond et al., arXiv 2406.07983; docs/methods/npbml.md) starts from a backbone pre-trained
 with plain supervised cross-entropy over *all* meta-train classes (a throw-away linear classifier
 over every class), keeping the weights with the best nearest-prototype accuracy on validation
 episodes; then the head is replaced by the permutation-invariant N-way head row

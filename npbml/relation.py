@@ -1,7 +1,7 @@
 """Relation network (Sung et al., "Learning to Compare: Relation Network for Few-Shot Learning",
 CVPR 2018): the frozen scorer behind NPBML's transductive loss term L_Q.
 
-NPBML (Raymond et al., arXiv 2406.07983; METHODS.md sec. 3) feeds its query loss network with
+NPBML (Raymond et al., arXiv 2406.07983; docs/methods/npbml.md) feeds its query loss network with
 relation scores ``r [Q, N]`` in ``[0, 1]``: how much each query resembles each support class. The
 relation network is pre-trained separately (:func:`npbml.pretrain.pretrain_relation`, MSE to the
 one-hot query labels, episodic, as Sung et al. eq. 3) and frozen during NPBML meta-training.

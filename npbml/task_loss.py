@@ -1,6 +1,6 @@
 """NPBML's task-adaptive learned inner loss ``M = CE + L_S + L_Q + R``.
 
-Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METHODS.md sec. 3).
+Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (docs/methods/npbml.md).
 The inner loop of NPBML minimises a meta-learned loss ``M(phi, psi)`` instead of plain CE:
 
 * ``CE``  - the ordinary cross-entropy on the support set (``L_base``), so ``M ~ CE`` at init;
@@ -15,18 +15,18 @@ The inner loop of NPBML minimises a meta-learned loss ``M(phi, psi)`` instead of
   differently. Without ``reg_tensors`` (e.g. a loss built before ``L`` is known) R is one 4-input
   MLP per tensor, averaged (the variant this toolkit used before).
 
-Stability (a deviation from the paper, which is silent; METHODS.md sec. 3 "Stability"). Self-FiLM
-makes every loss-MLP layer quadratic in its input, and the paper feeds it raw logits and raw
-L1/L2 norms, which grow as the inner loop runs (the L1 norm of a 3x3x32x32 conv weight is ~470):
+Stability (a deviation from the paper, which is silent; docs/methods/npbml.md, "Stability").
+Self-FiLM makes every loss-MLP layer quadratic in its input, and the paper feeds it raw logits and
+raw L1/L2 norms, which grow as the inner loop runs (the L1 norm of a 3x3x32x32 conv weight is ~470):
 a positive feedback that made a trained 20-way NPBML diverge (logits 1e3-1e5). So by default
 (``inputs="probs"``, ``reg_normalize=True``) every input of every loss MLP is bounded or
 per-element: softmax probabilities in ``[0, 1]`` instead of logits, ``tanh(CE)`` in ``[0, 1)``
-instead of CE, relation scores in ``[0, 1]``, and per-element weight statistics that do not
-grow with tensor size. The gradient of each learned term w.r.t. the logits is then bounded
-for any fixed loss-net weights (softmax and tanh have bounded derivatives). The inner loop adds
-a hard backstop, the gradient-norm safeguard of
-:class:`~npbml.algorithms.base.GradientLearner` (``inner_max_grad_norm``), which NPBML turns on.
-``inputs="logits"``, ``reg_normalize=False`` restore the paper's inputs.
+instead of CE, relation scores in ``[0, 1]``, and per-element weight statistics that do not grow
+with tensor size. The gradient of each learned term w.r.t. the logits is then bounded for any fixed
+loss-net weights (softmax and tanh have bounded derivatives). The inner loop adds a hard backstop,
+the gradient-norm safeguard of :class:`~npbml.algorithms.base.GradientLearner`
+(``inner_max_grad_norm``), which NPBML turns on. ``inputs="logits"``, ``reg_normalize=False``
+restore the paper's inputs.
 
 Each MLP is ``in -> 40 -> 40 -> 1`` with ReLU hidden units and a smooth leaky ReLU output
 ``phi(x) = g x + (1 - g) softplus_b(x)`` (g = 0.25, b = 5); every linear layer is FiLM-modulated
@@ -53,7 +53,7 @@ from torch import nn
 from npbml.activations import smooth_leaky_relu
 from npbml.film import FiLMLinear
 
-#: Names of the switchable terms, in the order of METHODS.md.
+#: Names of the switchable terms, in the order ``M = CE + L_S + L_Q + R`` (docs/methods/npbml.md).
 TERMS = ("ce", "support", "query", "reg")
 #: What the L_S / L_Q networks read: bounded probabilities (default) or the paper's raw logits.
 INPUTS = ("probs", "logits")
@@ -109,7 +109,7 @@ def weight_statistics(
     normalize: bool = False,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """``[T, 4]``: (mean, std, L1 norm, L2 norm) of each tensor, R's input (METHODS.md sec. 3).
+    """``[T, 4]``: (mean, std, L1 norm, L2 norm) of each tensor, R's input (docs/methods/npbml.md).
 
     The std is the population std (correction 0; a 1-element tensor is fine) and std and L2 use
     ``sqrt(. + eps)``: the plain formulas have a 0/0 (NaN) gradient at constant or zero tensors,

@@ -1,6 +1,6 @@
 """A convolution's input unfolded once, for inner loops whose adapted conv reads a fixed input.
 
-NPBML's inner loop (METHODS.md sec. 3) adapts the last block of a backbone whose leading blocks
+NPBML's inner loop (docs/methods/npbml.md) adapts the last block of a backbone whose leading blocks
 are frozen: the input ``h`` of the first adapted conv is the same at every inner step and at the
 final query forward. A convolution is a matrix product with the unfolded input (im2col,
 :func:`torch.nn.functional.unfold`),

@@ -1,7 +1,7 @@
 """Warp preconditioning layers: NPBML's meta-learned optimizer omega (T-Net / WarpGrad style).
 
-NPBML (Raymond et al., arXiv 2406.07983; METHODS.md sec. 3) meta-learns a gradient preconditioner
-``P(omega, psi)`` in the inner rule
+NPBML (Raymond et al., arXiv 2406.07983; docs/methods/npbml.md) meta-learns a gradient
+preconditioner ``P(omega, psi)`` in the inner rule
 
     theta_{j+1} = theta_j - alpha * P(omega, psi) * grad_theta M(theta_j).
 

@@ -5,14 +5,15 @@ Balinese characters 1-20), the few-class regime of the learned-loss papers' MNIS
 results. ``--learned-set KEY=VALUE`` overrides the config of the ML3 and AdaLFL runs only (e.g.
 ``loss.inputs=log_prob``, a toolkit option, not the papers' form).
 
-CE, label smoothing, SparseLSR (METHODS.md sec 5), ML3 and AdaLFL (sec 4) and an EvoMAL loss
-(sec 6) train the same model (``configs/fit_omniglot.yaml``: Conv4-32, SGD Nesterov, cosine) with
-the same budget (epochs, batch size) for each seed. Every run is an ``npbml fit`` subprocess with
-one torch thread, ``--jobs`` at a time; finished runs are skipped and interrupted ones resume, so
-the script can be re-run after a kill. The EvoMAL loss is either ``--evolved PATH`` (an
-``npbml evolve`` output folder or an ``EvolvedLoss`` JSON) or, by default, the result of an
-``npbml evolve`` search run first with ``--evolve-config`` (default ``configs/evomal_glyphs.yaml``:
-generated glyphs, no Omniglot image involved).
+CE, label smoothing, SparseLSR (docs/methods/sparse-lsr.md), ML3 and AdaLFL
+(docs/methods/learned-losses.md) and an EvoMAL loss (docs/methods/evomal.md) train the same model
+(``configs/fit_omniglot.yaml``: Conv4-32, SGD Nesterov, cosine) with the same budget (epochs, batch
+size) for each seed. Every run is an ``npbml fit`` subprocess with one torch thread, ``--jobs`` at a
+time; finished runs are skipped and interrupted ones resume, so the script can be re-run after a
+kill. The EvoMAL loss is either ``--evolved PATH`` (an ``npbml evolve`` output folder or an
+``EvolvedLoss`` JSON) or, by default, the result of an ``npbml evolve`` search run first with
+``--evolve-config`` (default ``configs/evomal_glyphs.yaml``: generated glyphs, no Omniglot image
+involved).
 
 Writes ``OUT/summary.json`` and, with ``--results``, a Markdown section between
 ``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` of that file (``--tag``, default

@@ -1,6 +1,6 @@
 """Write the GPU-scale NPBML configs (paper Tables 1-2) for every dataset, shot and backbone.
 
-Reference settings (Raymond et al., arXiv 2406.07983, and their code; METHODS.md section 3):
+Reference settings (Raymond et al., arXiv 2406.07983, and their code; docs/methods/npbml.md):
 supervised pre-training, then Adam 1e-5 with cosine decay to 1e-6 for 30,000 meta-steps,
 meta-batch 4 (1-shot) / 2 (5-shot), inner SGD with Nesterov 0.9, weight decay 5e-4, lr 0.01,
 5 steps at meta-train and meta-test, the last block (+ FiLM) and the head adapt, validation on
@@ -49,7 +49,8 @@ def config(data: str, shots: int, backbone: str) -> tuple[str, str]:
     header = (
         f"# NPBML, {data} 5-way {shots}-shot, {backbone} ({size}x{size} images): reference\n"
         "# GPU-scale settings (written by scripts/make_npbml_configs.py, whose docstring\n"
-        f"# lists them). Published (paper Tables 1-2): {acc:.2f}%. Data format: METHODS.md 7.\n"
+        f"# lists them). Published (paper Tables 1-2): {acc:.2f}%. "
+        "Data format: docs/data-formats.md.\n"
         "# Pipeline:\n"
         f"#   npbml pretrain          --config configs/{name}.yaml --out {run}/backbone.pt "
         "--device auto\n"

@@ -13,7 +13,7 @@ are the nearest-prototype classifier (Snell et al. 2017; SimpleShot, Wang et al.
 from: no meta-learning at all. With ``--lake PATH`` every row is also scored on Lake et al.'s
 20-way one-shot runs.
 
-Comparisons (METHODS.md section 2): for each ``--reference`` row R and every other row A, the
+Comparisons (docs/methods/protocol.md): for each ``--reference`` row R and every other row A, the
 paired per-episode differences A - R with their 95% interval (mean +- 1.96 s / sqrt(n)), per seed
 and pooled over seeds (:func:`npbml.evaluate.pooled_paired_difference`).
 

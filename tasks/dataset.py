@@ -214,7 +214,9 @@ class ConcatClasses(ClassDataset):
 
 
 class RotatedClasses(ClassDataset):
-    """Each class rotated by each angle becomes its own class (Omniglot convention, METHODS.md 2).
+    """Each class rotated by each angle becomes its own class (Omniglot convention).
+
+    Why: docs/methods/protocol.md.
 
     Class ``c * len(angles) + r`` is class ``c`` rotated by ``angles[r]`` degrees (multiples of 90).
     """

@@ -1,7 +1,7 @@
 """Verified downloads: a dataset file is either complete and md5-checked at its path, or absent.
 
-METHODS.md section 7: "Downloads, where a public URL exists, must verify an md5 and never save an
-HTML error page as data." :func:`download_url` streams into a temporary file beside the
+The rule (docs/data-formats.md): a download, where a public URL exists, verifies an md5 and never
+saves an HTML error page as data. :func:`download_url` streams into a temporary file beside the
 destination, refuses HTML (by content-type and by the leading bytes, since some hosts serve error
 pages as ``application/octet-stream``), checks the md5, and only then renames the file into place
 with :func:`os.replace`, which is atomic on one filesystem, so an interrupted or refused download

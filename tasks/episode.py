@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class Episode:
-    """One few-shot task (METHODS.md section 1).
+    """One few-shot task (docs/methods/protocol.md).
 
     ``support_x``/``query_x`` are inputs, ``support_y``/``query_y`` targets. For classification the
     targets are ``int64`` labels in ``0..N-1`` assigned in a random class order, and ``classes[k]``

@@ -1,6 +1,6 @@
 """FC100 (Oreshkin et al., 2018) in the MetaOptNet pickle format (Lee et al., 2019).
 
-Files (METHODS.md section 7), in ``root``, ``root/FC100`` or ``root/fc100``::
+Files (docs/data-formats.md), in ``root``, ``root/FC100`` or ``root/fc100``::
 
     FC100_train.pickle, FC100_val.pickle, FC100_test.pickle
 

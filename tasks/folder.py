@@ -1,6 +1,6 @@
 """Generic image-folder datasets: one folder per class, any image format Pillow reads.
 
-Layout (METHODS.md section 7, "Generic")::
+Layout (docs/data-formats.md, "Generic image folder")::
 
     ROOT/<class name>/<image>.{png,jpg,bmp,gif,...}
 

@@ -11,7 +11,7 @@ one, as pen strokes of real characters do). Each image of a class redraws the pr
 variation of a new writer: noise on every Bezier control point, a small shift of each stroke, a
 random affine map (rotation, scale, aspect, shear, translation) and a random pen width. Images are
 28x28 by default with ink = 1 on a 0 background, like the standard Omniglot preprocessing
-(METHODS.md section 7), so any Omniglot model runs on them unchanged.
+(docs/data-formats.md), so any Omniglot model runs on them unchanged.
 
 Reproducibility. Prototype ``c`` is a pure function of ``(seed, c)`` and image ``i`` of class
 ``c`` a pure function of ``(seed, c, i)``: random numbers come from numpy's PCG64 streams keyed

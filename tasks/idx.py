@@ -1,4 +1,4 @@
-"""IDX files: MNIST, Fashion-MNIST and KMNIST (METHODS.md sec 7).
+"""IDX files: MNIST, Fashion-MNIST and KMNIST (docs/data-formats.md).
 
 The IDX format (LeCun et al., the MNIST distribution): a 4-byte big-endian magic number
 ``0x0000 TT DD`` (``TT`` the element type, ``0x08`` = unsigned byte; ``DD`` the number of

@@ -1,7 +1,7 @@
 """The one-shot classification benchmark of Lake et al. (Science 2015): 20 fixed runs of 20-way
 within-alphabet one-shot classification on Omniglot's evaluation alphabets.
 
-On-disk format (METHODS.md section 7): ``all_runs.zip`` or its extracted folder, holding
+On-disk format (docs/data-formats.md): ``all_runs.zip`` or its extracted folder, holding
 ``run01`` .. ``run20``, each with ``training/classNN.png`` (one drawing per class),
 ``test/itemNN.png`` (the drawings to classify) and ``class_labels.txt`` whose lines read
 ``runXX/test/itemNN.png runXX/training/classMM.png`` (paths relative to the folder holding the
@@ -13,7 +13,7 @@ sorted file order (``class01.png`` -> 0, ...), queries are the test items listed
 ``class_labels.txt`` in sorted file order, and ``Episode.classes`` is ``arange(N)``, following
 the reference ``demo_classification.py`` of the Omniglot repository (which sorts both lists).
 
-No download is offered: METHODS.md gives no md5 for ``all_runs.zip``, and unverified downloads
+No download is offered: no md5 is published for ``all_runs.zip``, and unverified downloads
 are not allowed. Get it from :data:`LAKE_RUNS_URL`.
 """
 

@@ -1,6 +1,6 @@
 """mini-ImageNet in the learn2learn pickle format (Vinyals et al., 2016; Ravi & Larochelle, 2017).
 
-Files (METHODS.md section 7), in ``root`` or ``root/mini-imagenet``::
+Files (docs/data-formats.md), in ``root`` or ``root/mini-imagenet``::
 
     mini-imagenet-cache-train.pkl
     mini-imagenet-cache-validation.pkl   (or the original name mini-imagenet-cache-val.pkl)

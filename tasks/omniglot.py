@@ -1,11 +1,11 @@
 """Omniglot (Lake et al., "Human-level concept learning through probabilistic program induction",
 Science 2015): 1623 handwritten characters from 50 alphabets, 20 drawings each.
 
-On-disk format (METHODS.md section 7): ``<split>.zip`` or an extracted ``<split>/`` folder, in
+On-disk format (docs/data-formats.md): ``<split>.zip`` or an extracted ``<split>/`` folder, in
 ``root`` or in ``root/omniglot-py`` (torchvision's layout), each holding
 ``<Alphabet>/<characterNN>/<id>.png`` (105x105, 1-bit, black strokes on white).
 
-Preprocessing (METHODS.md section 7, the convention of MAML, Finn et al. 2017, and its successors):
+Preprocessing (docs/data-formats.md, the convention of MAML, Finn et al. 2017, and its successors):
 convert to 8-bit grey, invert so that ink is 1 and background 0, resize to ``image_size`` with
 Pillow's LANCZOS filter (as torchvision's ``Resize(28, interpolation=LANCZOS)`` in learn2learn's
 Omniglot benchmark). Inverting before resizing keeps the background exactly 0 after resampling.
@@ -48,7 +48,7 @@ from tasks.download import check_md5, download_url, md5sum
 from tasks.errors import CorruptDatasetError, DatasetNotFoundError
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{name}.zip"
-# md5 of the official zips (METHODS.md section 7).
+# md5 of the official zips (listed in docs/data-formats.md).
 OMNIGLOT_MD5: dict[str, str] = {
     "background": "68d2efa1b9178cc56df9314c21c6e718",
     "evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
@@ -415,9 +415,9 @@ def omniglot_splits(
     next ``num_validation`` (100) validation and the rest (423) test, the split sizes of Finn et
     al. (2017, MAML), whose exact permutation (Python's ``random`` over an OS listing) cannot be
     reproduced portably. With ``rotations`` every meta-train character at 0/90/180/270 degrees
-    is its own class (METHODS.md section 2), so train has 4400 classes. Validation and test are
+    is its own class (docs/methods/protocol.md), so train has 4400 classes. Validation and test are
     not rotated unless ``rotate_evaluation=True`` (MAML's and learn2learn's code rotate them too;
-    METHODS.md prescribes rotation classes at meta-train only).
+    this toolkit uses rotation classes at meta-train only).
     """
     bg = Omniglot(root, "background", image_size, download=download, verify=verify)
     ev = Omniglot(root, "evaluation", image_size, download=download, verify=verify)

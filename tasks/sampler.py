@@ -92,7 +92,7 @@ class TaskSampler(IndexedEpisodes):
     are grouped by label (``K`` support images of label 0, then label 1, ...).
 
     ``within_alphabet=True`` draws the N classes of every episode from ONE alphabet (Lake et al.,
-    Science 2015, whose 20 one-shot runs each use one alphabet; METHODS.md section 2): the
+    Science 2015, whose 20 one-shot runs each use one alphabet; docs/methods/protocol.md): the
     alphabet uniformly among those with at least N eligible classes (smaller ones are skipped),
     then N of its classes uniformly. It needs a dataset that knows its alphabets
     (:meth:`~tasks.dataset.ClassDataset.class_alphabets`, e.g. Omniglot); Omniglot's rotation

@@ -1,6 +1,6 @@
 """tiered-ImageNet in the learn2learn pickle format (Ren et al., 2018).
 
-Files (METHODS.md section 7), in ``root`` or ``root/tiered-imagenet``::
+Files (docs/data-formats.md), in ``root`` or ``root/tiered-imagenet``::
 
     {train,val,test}_images_png.pkl   a list (or object array) of PNG-encoded images
     {train,val,test}_labels.pkl       a dict whose key label_specific holds one int per image

@@ -1,4 +1,4 @@
-"""Writers of small datasets in the exact on-disk formats of METHODS.md section 7.
+"""Writers of small datasets in the exact on-disk formats of docs/data-formats.md.
 
 Every writer returns the images it wrote, keyed by split and class name, as ``uint8``
 ``[n, 3, H, W]`` arrays in file order, so tests can compare what a loader returns with what was

@@ -12,7 +12,7 @@ never copied or modified. The pieces are pluggable:
 
 Parameters matching ``adapt`` (and not ``freeze``) are updated by the inner loop and meta-learned
 (their initial values). Parameters matching ``freeze`` are neither adapted nor meta-learned: the
-learner sets ``requires_grad=False`` on them (e.g. pre-trained early blocks, METHODS.md section 3).
+learner sets ``requires_grad=False`` on them (e.g. pre-trained early blocks, docs/methods/npbml.md).
 All other parameters (e.g. the ANIL body) are meta-learned but not adapted.
 
 Modes of the inner loop (Finn et al. 2017, eq. 1 and section 5.2):
@@ -363,8 +363,9 @@ class GradientLearner(nn.Module):
 
     def outer_loss(self, episode: Episode) -> tuple[torch.Tensor, Metrics]:
         """Mean query loss over the tasks of ``episode`` (one task or a meta-batch) after
-        adaptation, differentiable w.r.t. the meta-parameters (METHODS.md section 3, outer rule),
-        and metrics ``{"loss": float, "accuracy": float}`` (means over tasks)."""
+        adaptation, differentiable w.r.t. the meta-parameters (NPBML's outer rule,
+        docs/methods/npbml.md), and metrics ``{"loss": float, "accuracy": float}`` (means over
+        tasks)."""
         tasks = self._tasks(episode)
         total: torch.Tensor | None = None
         acc = 0.0

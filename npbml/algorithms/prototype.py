@@ -5,7 +5,7 @@ eq. 1-2) classify a query by the nearest class prototype, the mean support embed
 class, in squared Euclidean distance. SimpleShot (Wang et al., "SimpleShot: Revisiting
 Nearest-Neighbor Classification for Few-Shot Learning", arXiv 1911.04623, 2019) showed that the
 same rule on the features of a backbone trained with plain supervised cross-entropy, after L2
-normalisation, is a strong few-shot baseline (METHODS.md section 2). Nothing is adapted and
+normalisation, is a strong few-shot baseline (docs/methods/protocol.md). Nothing is adapted and
 nothing is meta-learned: this is what a user would try first.
 
 This module is the one home of the nearest-prototype computation: :func:`npbml.pretrain`'s
@@ -23,8 +23,8 @@ Distances (``distance=``):
 
 BatchNorm: the toolkit's backbones use batch statistics (MAML's convention), so an embedding
 depends on the batch it is computed in. :meth:`PrototypeClassifier.evaluate` embeds the support
-and query of a task in one batch ``[S_x; Q_x]``, the batch NPBML's inner loop sees (METHODS.md
-section 3) and the one the backbone's validation used during pre-training.
+and query of a task in one batch ``[S_x; Q_x]``, the batch NPBML's inner loop sees
+(docs/methods/npbml.md) and the one the backbone's validation used during pre-training.
 """
 
 from __future__ import annotations

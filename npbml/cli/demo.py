@@ -54,7 +54,7 @@ class DemoRun:
         label: the method's name in the report (also its run folder, lower-cased).
         config: a config file in :data:`CONFIG_DIR`.
         overrides: ``--set`` values applied to that config first.
-        pretrain_steps: NPBML's supervised backbone pre-training steps (METHODS.md sec 3), at
+        pretrain_steps: NPBML's supervised backbone pre-training steps (docs/methods/npbml.md), at
             the :data:`REFERENCE_MINUTES` budget; run inside this method's share.
         relation_steps: its relation-network pre-training steps, likewise.
         pretrain_batch: the backbone pre-training batch size.

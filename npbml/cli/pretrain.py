@@ -1,9 +1,9 @@
 """``npbml pretrain`` and ``npbml pretrain-relation``: NPBML's two pre-training stages.
 
-METHODS.md section 3: the supervised backbone, then the relation network of the transductive
-loss. Both read the data and model sections of an experiment config and write one checkpoint;
-the work is :func:`npbml.pretrain.run_pretrain_backbone` /
-:func:`npbml.pretrain.run_pretrain_relation_network`.
+NPBML (Raymond et al., arXiv 2406.07983; docs/methods/npbml.md): the supervised backbone, then
+the relation network of the transductive loss. Both read the data and model sections of an
+experiment config and write one checkpoint; the work is
+:func:`npbml.pretrain.run_pretrain_backbone` / :func:`npbml.pretrain.run_pretrain_relation_network`.
 """
 
 from __future__ import annotations

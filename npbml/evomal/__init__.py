@@ -1,7 +1,7 @@
 """EvoMAL: evolved model-agnostic loss functions (Raymond et al., TPAMI 2023, arXiv 2209.08907).
 
 Genetic programming over symbolic loss expressions, gradient-based tuning of their node scalars,
-and the resulting loss as a torch module. See METHODS.md section 6.
+and the resulting loss as a torch module. See docs/methods/evomal.md.
 """
 
 from npbml.evomal.config import EvolveConfig

@@ -2,7 +2,7 @@
 
 Defaults are CPU-sized so that a search with no config file finishes in a couple of minutes;
 ``configs/evomal_reference.yaml`` holds the paper's budgets (Raymond et al., TPAMI 2023,
-arXiv 2209.08907; METHODS.md section 6). Files are checked by the validator every config of the
+arXiv 2209.08907; docs/methods/evomal.md). Files are checked by the validator every config of the
 toolkit shares (:func:`npbml.config.build_dataclass`): unknown keys are errors that list the valid
 keys; every config error is a :class:`npbml.config.ConfigError` (a ``ValueError``), reported
 without traceback.

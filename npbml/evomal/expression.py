@@ -1,7 +1,7 @@
 """Symbolic loss expressions of EvoMAL: primitives, trees, evaluation, canonical form, torch module.
 
 Raymond et al., "Learning Symbolic Model-Agnostic Loss Functions via Meta-Learning", TPAMI 2023
-(arXiv 2209.08907), section 3.1 and METHODS.md section 6. A loss is an expression tree over the
+(arXiv 2209.08907), section 3.1 (docs/methods/evomal.md). A loss is an expression tree over the
 terminals ``y`` (one-hot target), ``f`` (the prediction f(x): softmax of the logits, or the
 sigmoid for a single output) and the constants ``+1`` / ``-1``, with the function set below. The
 tree is evaluated elementwise on ``[batch, classes]`` tensors, summed over classes and averaged
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Clamp used by the protected log and sqrt (METHODS.md section 6).
+#: Clamp used by the protected log and sqrt (docs/methods/evomal.md).
 EPS = 1e-7
 
 TERMINALS: tuple[str, ...] = ("y", "f", "1", "-1")

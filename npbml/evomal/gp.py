@@ -1,6 +1,6 @@
 """Genetic-programming operators of EvoMAL over prefix-order expression trees.
 
-Raymond et al., TPAMI 2023 (arXiv 2209.08907), section 3.2 and METHODS.md section 6: ramped
+Raymond et al., TPAMI 2023 (arXiv 2209.08907), section 3.2 (docs/methods/evomal.md): ramped
 half-and-half initialisation, one-point crossover, uniform subtree mutation, the static height
 limit, the "must read y and f(x)" repair, and DEAP's double tournament (``selDoubleTournament``
 with ``fitness_first=True``). Every operator draws its randomness from an explicit

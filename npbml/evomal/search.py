@@ -1,7 +1,7 @@
 """The EvoMAL search loop: fitness data, candidate evaluation, GP generations, checkpoints, CLI.
 
 Raymond et al., "Learning Symbolic Model-Agnostic Loss Functions via Meta-Learning", TPAMI 2023
-(arXiv 2209.08907), Algorithm 1 and METHODS.md section 6. Each new candidate (new canonical
+(arXiv 2209.08907), Algorithm 1 (docs/methods/evomal.md). Each new candidate (new canonical
 string) is evaluated once, and the result is cached:
 
 1. Rejection protocol. A free logits tensor ``z`` (seeded ``N(0, 1)``, ``[n, C]``, random

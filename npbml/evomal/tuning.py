@@ -1,8 +1,8 @@
 """Gradient-based tuning of an EvoMAL candidate's node scalars by unrolled differentiation.
 
 Raymond et al., TPAMI 2023 (arXiv 2209.08907), section 3.3, which uses the offline procedure of
-ML3 (Bechtle et al., ICPR 2020, arXiv 1906.05374; METHODS.md section 4). With base parameters
-theta, node scalars w, a training batch (x, y) and a meta batch (x', y'):
+ML3 (Bechtle et al., ICPR 2020, arXiv 1906.05374; docs/methods/learned-losses.md). With base
+parameters theta, node scalars w, a training batch (x, y) and a meta batch (x', y'):
 
     theta'(w) = theta - alpha * grad_theta M_w(y, f_theta(x))          (one differentiable step)
     w        <- Adam(w, grad_w L_CE(y', f_theta'(w)(x')))                (meta step)

@@ -1,10 +1,10 @@
 """Inner-loop losses: the pluggable objective minimised on the support set.
 
-Protocol. An inner loss is any callable ``loss_fn(logits, targets) -> scalar tensor``
-(default :func:`torch.nn.functional.cross_entropy`). A loss that needs more than the support
-logits (NPBML's learned loss M uses the adapted parameters and the query inputs, METHODS.md
-section 3) declares ``**kwargs`` (or keyword-only parameters named like context keys) in its
-signature; it is then called as ``loss_fn(logits, targets, **context)`` with the context keys
+Protocol. An inner loss is any callable ``loss_fn(logits, targets) -> scalar tensor`` (default
+:func:`torch.nn.functional.cross_entropy`). A loss that needs more than the support logits (NPBML's
+learned loss M uses the adapted parameters and the query inputs, docs/methods/npbml.md) declares
+``**kwargs`` (or keyword-only parameters named like context keys) in its signature; it is then
+called as ``loss_fn(logits, targets, **context)`` with the context keys
 
     params      the current adapted parameters {name: tensor} (differentiable)
     step        inner step index j (0-based)

@@ -13,7 +13,7 @@ unroll. The update rule reproduces :class:`torch.optim.SGD` exactly (PyTorch doc
 ``alpha`` may be a float, a (learnable) tensor, or per-parameter tensors (Meta-SGD, Li et al. 2017,
 eq. 2: theta' = theta - alpha o grad, with alpha a meta-learned tensor shaped like theta) given as
 a :class:`PerParameterLR` module or a mapping. The preconditioner ``P`` maps a gradient dict to a
-gradient dict; NPBML's warp preconditioner (METHODS.md section 3) plugs in there.
+gradient dict; NPBML's warp preconditioner (docs/methods/npbml.md) plugs in there.
 """
 
 from __future__ import annotations

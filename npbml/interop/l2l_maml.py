@@ -9,7 +9,7 @@ meta-learned.
 
 NPBML's warp layers (omega, :mod:`npbml.warp`) and FiLM generators (psi, :mod:`npbml.film`) are
 *meta-only*: fixed during the inner loop, learned in the outer loop (Raymond et al., arXiv
-2406.07983, METHODS.md sec. 3; Flennerhag et al., 2020, WarpGrad). :func:`maml_adapt` gives that
+2406.07983, docs/methods/npbml.md; Flennerhag et al., 2020, WarpGrad). :func:`maml_adapt` gives that
 with learn2learn's own update: it differentiates the inner loss w.r.t. the adapted parameters
 only and hands learn2learn's ``maml_update`` a ``None`` gradient for the meta-only ones, which
 ``maml_update`` leaves untouched. The meta-only parameters then stay in the graph of the adapted

@@ -1,4 +1,6 @@
-"""AdaLFL: online loss-function learning (Raymond et al., arXiv 2301.13247; METHODS.md sec 4).
+"""AdaLFL: online loss-function learning (Raymond et al., arXiv 2301.13247).
+
+Method page: docs/methods/learned-losses.md.
 
 Phase 1 (offline): initialise ``phi`` with ML3-style unrolled steps (:meth:`AdaLFL.offline_init`).
 Phase 2 (online): after every base update of the ordinary training run (:meth:`AdaLFL.step`)::

@@ -1,7 +1,7 @@
 """ML3: offline meta-learning of a loss network by one-step unrolled differentiation.
 
-Bechtle et al., "Meta-Learning via Learned Loss" (ICPR 2020, arXiv 1906.05374), METHODS.md sec 4:
-repeat for S steps -- take one (or J) differentiable inner step(s)
+Bechtle et al., "Meta-Learning via Learned Loss" (ICPR 2020, arXiv 1906.05374; method page
+docs/methods/learned-losses.md): repeat for S steps -- take one (or J) differentiable inner step(s)
 ``theta' = theta - alpha * grad_theta M_phi(f_theta(x), y)`` on a training batch, then update
 ``phi`` with ``grad_phi L_task(f_theta'(x_v), y_v)`` on a meta (validation) batch. The task loss
 (the meta-objective) may use meta-train-time extra information (ML3's "shaped" losses): it is
@@ -190,9 +190,10 @@ def unrolled_step(
     """One base-optimizer step on the learned loss, kept differentiable.
 
     Returns ``(base_loss, new_params, new_state)`` with
-    ``new_params = opt_step(params, grad_params M(f_params(x), y))`` (METHODS.md sec 4); with
-    ``create_graph`` the result is differentiable w.r.t. the loss network's parameters (second
-    order), including through momentum buffers carried in ``state``.
+    ``new_params = opt_step(params, grad_params M(f_params(x), y))``
+    (docs/methods/learned-losses.md); with ``create_graph`` the result is differentiable w.r.t.
+    the loss network's parameters (second order), including through momentum buffers carried in
+    ``state``.
     """
     preds = functional_forward(model, params, batch[0])
     base = loss_value(loss_fn, preds, batch[1], loss_params)

@@ -1,12 +1,12 @@
 """Warm start of a learned classification loss at cross-entropy (a toolkit option).
 
 **Not in the papers.** ML3 (Bechtle et al., arXiv 1906.05374) and AdaLFL (Raymond et al., arXiv
-2301.13247) start the loss network ``g_phi`` from a random initialisation (METHODS.md sec 4).
-With ``C`` classes a random ``g`` on softmax probabilities gives logit gradients ``O(1/C)`` of
-cross-entropy's and of random sign, and the meta-learner needs many steps to grow them (see
-``docs/results.md``, loss comparison). This module instead regresses ``g_phi`` onto the
-per-class form of cross-entropy before meta-learning starts, so that meta-learning refines a loss
-that already trains the model:
+2301.13247) start the loss network ``g_phi`` from a random initialisation
+(docs/methods/learned-losses.md). With ``C`` classes a random ``g`` on softmax probabilities gives
+logit gradients ``O(1/C)`` of cross-entropy's and of random sign, and the meta-learner needs many
+steps to grow them (see ``docs/results.md``, loss comparison). This module instead regresses
+``g_phi`` onto the per-class form of cross-entropy before meta-learning starts, so that
+meta-learning refines a loss that already trains the model:
 
     g*(p, 1) = -log p,   g*(p, 0) = 0           (inputs="prob")
     g*(l, 1) = -l,       g*(l, 0) = 0           (inputs="log_prob", l = log p)

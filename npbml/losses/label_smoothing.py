@@ -14,7 +14,7 @@ def label_smoothing_ce(
     """Standard label smoothing (Szegedy et al. 2016) with an explicit smoothed target.
 
     Builds the dense target ``q = (1 - xi) * onehot(t) + xi / C`` (an ``[N, C]`` tensor) and returns
-    ``-sum_c q_c log p_c``, i.e. METHODS.md sec 5 "standard LSR":
+    ``-sum_c q_c log p_c``, i.e. the "standard LSR" of docs/methods/sparse-lsr.md:
     ``L = -A log p_t - (xi/C) sum_{j != t} log p_j`` with ``A = 1 - xi + xi/C``.
     It is deliberately the memory-hungry form, kept only for tests and benchmarks; prefer
     ``F.cross_entropy(label_smoothing=xi)`` or

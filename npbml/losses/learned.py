@@ -1,4 +1,4 @@
-"""Learned loss network of ML3 / AdaLFL (METHODS.md sec 4).
+"""Learned loss network of ML3 / AdaLFL (docs/methods/learned-losses.md).
 
 Bechtle et al., "Meta-Learning via Learned Loss" (ICPR 2020, arXiv 1906.05374); Raymond et al.,
 "Online Loss Function Learning" (arXiv 2301.13247). The loss network ``M_phi`` is an MLP applied
@@ -36,7 +36,7 @@ class LearnedLoss(nn.Module):
 
     Args:
         task: ``"classification"`` or ``"regression"``.
-        hidden: widths of the hidden layers (default ``(50, 50)``, METHODS.md sec 4).
+        hidden: widths of the hidden layers (default ``(50, 50)``, as in ML3 and AdaLFL).
         output_activation: ``"softplus"`` (default) or ``"none"``.
         init_std: if given, every weight starts ``N(0, init_std^2)`` (overrides ``init``).
         init: ``"default"`` (PyTorch's ``nn.Linear`` init, weight std ``1/sqrt(3 fan_in)``) or
@@ -48,7 +48,7 @@ class LearnedLoss(nn.Module):
             (see ``docs/results.md``, loss comparison).
         reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` (per example).
         inputs: what the per-class MLP reads for classification. ``"prob"`` (default, the
-            papers' form: ML3, AdaLFL and METHODS.md sec 4) is ``p_c = softmax(z)_c``;
+            papers' form: ML3 and AdaLFL, docs/methods/learned-losses.md) is ``p_c = softmax(z)_c``;
             ``"log_prob"`` (**a deviation from the papers**, an option of this toolkit) is
             ``log p_c = log_softmax(z)_c``. With log-probabilities the logit gradient is
             ``g'_k - p_k sum_c g'_c``, which at near-uniform predictions is the slope gap

@@ -7,7 +7,7 @@ mini-ImageNet variant) or with stride-2 convolutions instead of pooling and a fi
 features to ``num_classes`` logits.
 
 BatchNorm uses the statistics of the current batch (``track_running_stats=False``), as in MAML
-(METHODS.md section 2), so the same forward is used at meta-train and meta-test time.
+(docs/methods/protocol.md), so the same forward is used at meta-train and meta-test time.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 
 Four residual blocks; each is three conv3x3-BN(-LeakyReLU 0.1) layers plus a 1x1-conv-BN shortcut,
 then LeakyReLU and 2x2 max-pooling. Channels (64, 160, 320, 640). BatchNorm uses batch statistics
-by default (METHODS.md section 2). DropBlock is replaced by optional plain dropout (``drop_rate``).
+by default (docs/methods/protocol.md). DropBlock is replaced by optional plain dropout
+(``drop_rate``).
 Features: global average pooling (``pool="avg"``, 640-d) or flattening (``pool="flatten"``).
 """
 

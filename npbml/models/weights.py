@@ -1,7 +1,7 @@
 """Backbone weight files: a pre-trained body saved with how to rebuild it, loaded by name.
 
 Written by ``npbml pretrain`` (:func:`npbml.pretrain.pretrain_backbone`), read when a meta-learner
-starts from a pre-trained body (NPBML's reference pipeline, METHODS.md sec. 3).
+starts from a pre-trained body (NPBML's reference pipeline, docs/methods/npbml.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """NPBML (Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983).
 
-One folder, one concept (METHODS.md sec. 3; docs/npbml.md lists every deviation):
+One folder, one concept (docs/methods/npbml.md; docs/npbml.md lists every deviation):
 
 * :mod:`.options` - :class:`NPBMLOptions`, the single source of defaults, and the paper's
   ablation presets :data:`ABLATIONS`;

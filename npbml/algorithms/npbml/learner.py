@@ -1,6 +1,6 @@
 """NPBML: meta-learned initialisation, preconditioned optimizer and task-adaptive loss.
 
-Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METHODS.md sec. 3).
+Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (docs/methods/npbml.md).
 Meta-parameters ``Phi = {theta (init), omega (warps), phi (loss), psi (FiLM)}``.
 
     inner:  theta_{j+1} = theta_j - alpha * P(omega, psi) grad_theta M(phi, psi)(S, Q_x; theta_j)
@@ -369,7 +369,7 @@ class NPBML(GradientLearner):
         mode: str,
         query_x: torch.Tensor | None = None,
     ) -> Params:
-        """NPBML inner loop (METHODS.md sec. 3, inner rule): the base class's unroll with
+        """NPBML inner loop (docs/methods/npbml.md, inner rule): the base class's unroll with
         :meth:`inner_inputs` / :meth:`inner_objective` below. Never sees query labels."""
         loss_fn = self.task_loss_fn
         if loss_fn is not None and loss_fn.needs_query and query_x is None:

@@ -1,6 +1,6 @@
 """NPBML's network: the backbone with FiLM-modulated blocks, warp layers and a shared head row.
 
-Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METHODS.md sec. 3).
+Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (docs/methods/npbml.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["HeadRow", "NPBMLNetwork", "adapt_and_freeze", "block_adapted_names",
 
 class HeadRow(nn.Module):
     """Permutation-invariant head initialisation: one row ``w [F]`` and bias ``b []`` shared by
-    all ``N`` classes (METHODS.md sec. 3). :meth:`expand` returns ``(W [N, F], bias [N])`` as
+    all ``N`` classes (docs/methods/npbml.md). :meth:`expand` returns ``(W [N, F], bias [N])`` as
     views of the parameters, so the meta-gradient of each row flows into ``w``, ``b``.
 
     Starts at zero (all logits equal, so the initial prediction is uniform whatever the row);
@@ -219,7 +219,7 @@ def adapt_and_freeze(
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(adapt, freeze)`` patterns for :class:`~npbml.algorithms.base.GradientLearner`.
 
-    ``adapt=None`` is the reference choice (METHODS.md sec. 3, "Which weights adapt"): the last
+    ``adapt=None`` is the reference choice (docs/methods/npbml.md, "Which weights adapt"): the last
     block (:func:`block_adapted_names`), its FiLM generator and the head adapt; the earlier
     blocks are frozen unless ``freeze`` says otherwise. Explicit ``adapt`` patterns come with an
     empty default ``freeze``.

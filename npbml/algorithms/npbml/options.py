@@ -1,6 +1,6 @@
 """NPBML's options: the single source of its defaults, and the paper's ablation presets.
 
-Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (METHODS.md sec. 3).
+Raymond et al., "Meta-Learning Neural Procedural Biases", arXiv 2406.07983 (docs/methods/npbml.md).
 :class:`NPBMLOptions` is what a config's ``algorithm.options`` holds for ``algorithm.name: npbml``
 and what :class:`~npbml.algorithms.npbml.NPBML` reads; nothing else repeats these defaults.
 docs/npbml.md lists every default that differs from the paper or the reference code, and why.
