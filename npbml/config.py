@@ -457,8 +457,9 @@ class FitDataConfig:
 
 @dataclass
 class FitModelConfig:
-    """``name``: ``conv4``/``resnet12`` (:func:`npbml.models.build_model`) or ``mlp``
-    (``hidden`` widths, ReLU). ``options`` go to the model's constructor."""
+    """``name``: ``conv4``/``resnet12``/``lenet5``/``logistic`` (:func:`npbml.models.build_model`;
+    LeNet-5 and the logistic model are the loss-learning papers' models) or ``mlp`` (``hidden``
+    widths, ReLU). ``options`` go to the model's constructor."""
 
     name: str = "conv4"
     hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -467,9 +468,11 @@ class FitModelConfig:
 
 @dataclass
 class FitOptimConfig:
-    """Base optimizer and learning-rate schedule (per epoch). AdaLFL needs ``name="sgd"``."""
+    """Base optimizer (``torch.optim.SGD``, ``Adam`` or ``AdamW``; ``momentum`` and ``nesterov``
+    are SGD's) and learning-rate schedule (per epoch). AdaLFL looks ahead through whichever
+    is chosen (:class:`npbml.inner.TorchOptimStep`)."""
 
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = True
@@ -507,7 +510,11 @@ class FitLossConfig:
     folder or an ``EvolvedLoss`` JSON file.
     ``guard`` (``ml3``, ``adalfl``; this toolkit's option, default off = the papers' form):
     train and meta-train through :class:`~npbml.loss_learning.GuardedLoss`, whose step never
-    opposes cross-entropy's and stays within [0.25, 4] times its norm (issue 15).
+    opposes cross-entropy's and stays within ``guard_bounds`` (default [0.25, 4]) times its
+    norm; ``guard_bounds: [1, 1]`` locks the step's scale to cross-entropy's.
+    ``horizon`` (``adalfl``): ``"step"`` looks one step of the base optimizer ahead (the
+    paper's), ``"momentum"`` to where the optimizer's momentum carries the weights
+    (:class:`npbml.inner.TorchOptimStep`).
     """
 
     name: Literal["ce", "label_smoothing", "sparse_lsr", "learned", "ml3", "adalfl", "evolved"] = (
@@ -525,6 +532,8 @@ class FitLossConfig:
     offline_steps: int = 0
     reset_every: int | None = None
     guard: bool = False
+    guard_bounds: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    horizon: Literal["step", "momentum"] = "step"
 
 
 @dataclass
@@ -605,8 +614,12 @@ def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
     """Validate a nested mapping into a :class:`FitConfig` (unknown keys raise ConfigError)."""
     cfg = build_dataclass(FitConfig, data or {})
     _check_fit_values(cfg)
-    if cfg.loss.name == "adalfl" and cfg.optim.name != "sgd":
-        raise ConfigError("loss.name='adalfl' unrolls SGD: set optim.name='sgd'")
+    lo_hi = cfg.loss.guard_bounds
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] or not all(map(math.isfinite, lo_hi)):
+        raise ConfigError(
+            f"loss.guard_bounds must be [min_ratio, max_ratio] with 0 < min_ratio <= max_ratio; "
+            f"got {lo_hi}"
+        )
     if cfg.loss.name == "learned" and cfg.loss.checkpoint is None:
         raise ConfigError(
             "loss.name='learned' trains with a fixed learned loss: set loss.checkpoint to a "

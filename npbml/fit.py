@@ -351,9 +351,17 @@ def build_fit_model(cfg: FitModelConfig, data: FitData) -> nn.Module:
     from npbml.models import build_model
 
     options = {"num_classes": data.num_outputs, **cfg.options}
-    if cfg.name.lower() == "conv4":
+    name = cfg.name.lower()
+    if name in ("conv4", "lenet5"):
+        if x.dim() != 4:
+            raise ConfigError(
+                f"model.name={cfg.name!r} needs images [N, C, H, W]; the data has shape "
+                f"{tuple(x.shape)}: use model.name='mlp' or 'logistic' for flat features"
+            )
         options.setdefault("in_channels", x.shape[1])
         options.setdefault("image_size", x.shape[-1])
+    elif name == "logistic":
+        options.setdefault("in_features", int(np.prod(x.shape[1:])))
     return build_model(cfg.name, **options)
 
 
@@ -595,9 +603,15 @@ class AdaLFLUpdater:
 
     learns_loss = True
 
+    #: Per-step diagnostics averaged into each epoch's train record (AdaLFLStep fields).
+    DIAGNOSTICS = ("learned_loss", "meta_loss", "grad_ratio", "grad_cosine")
+
     def __init__(self, adalfl: AdaLFL, meta_batch: Any) -> None:
         self.adalfl, self.meta_batch = adalfl, meta_batch
         self.loss_fn = adalfl.loss_net
+        # Sums of the epoch so far (checkpointed, so a resumed epoch logs the same means).
+        self.sums: dict[str, float] = dict.fromkeys(self.DIAGNOSTICS, 0.0)
+        self.count = 0
 
     def set_lr(self, lr: float) -> None:
         self.adalfl.set_base_lr(lr)
@@ -613,12 +627,22 @@ class AdaLFLUpdater:
             step: The global step index (chooses the meta batch).
 
         Returns:
-            The base loss, and the meta-loss and skip flag for the progress bar.
+            The batch's cross-entropy before the update (the learned loss's value for
+            regression), and the learned loss's value, the meta-loss and the skip flag for the
+            progress bar.
         """
         if model is not self.adalfl.model:
             raise ValueError("AdaLFLUpdater.step: model is not the model AdaLFL was built with")
         base, meta = self.adalfl.step(batch, self.meta_batch(step, batch))
-        return base, {"meta_loss": meta, "skipped": int(self.adalfl.last_step.skipped)}
+        info = self.adalfl.last_step
+        if not info.skipped:
+            values = (base, meta, info.grad_ratio, info.grad_cosine)
+            for key, value in zip(self.DIAGNOSTICS, values):
+                self.sums[key] += value
+            self.count += 1
+        # The learned loss's value has an arbitrary scale: cross-entropy is what a user reads.
+        shown = info.ce if math.isfinite(info.ce) or info.skipped else base
+        return shown, {"learned_loss": base, "meta_loss": meta, "skipped": int(info.skipped)}
 
     def offline_init(self, pairs: Any, steps: int, reset_every: int | None) -> list[float]:
         """Phase 1: ML3-style offline initialisation of the loss network."""
@@ -629,7 +653,11 @@ class AdaLFLUpdater:
         snap_dir = run.path / "loss_snapshots"
         snap_dir.mkdir(exist_ok=True)
         torch.save(self.adalfl.loss_net.state_dict(), snap_dir / f"step{step:08d}.pt")
-        return {"skipped_steps": self.adalfl.skipped_steps}
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = dict.fromkeys(self.DIAGNOSTICS, 0.0), 0
+        # NaN (regression has no CE to compare with) is left out: metrics.jsonl is strict JSON.
+        finite = {k: v for k, v in means.items() if math.isfinite(v)}
+        return {"skipped_steps": self.adalfl.skipped_steps, **finite}
 
     def on_offline_done(self, run: RunDir) -> None:
         """The loss network is saved at the end of the run (it keeps learning)."""
@@ -639,13 +667,25 @@ class AdaLFLUpdater:
 
     def state_dict(self) -> dict[str, Any]:
         """The learner's state, under the checkpoint key ``"adalfl"``."""
-        return {"adalfl": self.adalfl.state_dict()}
+        sums = {"sums": dict(self.sums), "count": self.count}
+        return {"adalfl": self.adalfl.state_dict(), "adalfl_epoch": sums}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.adalfl.load_state_dict(state["adalfl"])
+        epoch = state.get("adalfl_epoch", {"sums": {}, "count": 0})
+        self.sums = {k: float(epoch["sums"].get(k, 0.0)) for k in self.DIAGNOSTICS}
+        self.count = int(epoch["count"])
 
 
 Updater = OptimizerUpdater | AdaLFLUpdater
+
+
+def _guard(loss_fn: nn.Module, lc: FitLossConfig) -> GuardedLoss | None:
+    """``loss.guard``: the learned loss inside :class:`GuardedLoss` with ``loss.guard_bounds``."""
+    if not lc.guard:
+        return None
+    low, high = lc.guard_bounds
+    return GuardedLoss(loss_fn, min_ratio=low, max_ratio=high)
 
 
 def _make_optimizer(oc: FitOptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -657,7 +697,8 @@ def _make_optimizer(oc: FitOptimConfig, model: nn.Module) -> torch.optim.Optimiz
             nesterov=oc.nesterov and oc.momentum > 0,
             weight_decay=oc.weight_decay,
         )
-    return torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    adam = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+    return adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
 
 
 def _adalfl_meta_batches(cfg: FitConfig, data: FitData, batches: _TrainBatches) -> Any:
@@ -700,19 +741,18 @@ def build_updater(
         adalfl = AdaLFL(
             model,
             loss_fn,
-            base_lr=oc.lr,
-            momentum=oc.momentum,
-            nesterov=oc.nesterov and oc.momentum > 0,
-            weight_decay=oc.weight_decay,
             meta_lr=lc.meta_lr,
             meta_batch=lc.meta_batch,
             task=data.task,
-            guard=lc.guard,
+            guard=_guard(loss_fn, lc) or False,
+            optimizer=_make_optimizer(oc, model),
+            horizon=lc.horizon,
         )
         return AdaLFLUpdater(adalfl, _adalfl_meta_batches(cfg, data, batches))
     if lc.name == "ml3":
-        offline = lambda pairs, steps, reset: _ml3_offline(model, loss_fn, oc, lc, pairs)  # noqa: E731
-        trained = GuardedLoss(loss_fn) if lc.guard else loss_fn
+        guard = _guard(loss_fn, lc)
+        offline = lambda pairs, steps, reset: _ml3_offline(model, loss_fn, oc, lc, pairs, guard)  # noqa: E731
+        trained = guard or loss_fn
         return ML3Updater(trained, _make_optimizer(oc, model), offline)
     return OptimizerUpdater(loss_fn, _make_optimizer(oc, model))
 
@@ -1032,12 +1072,18 @@ def _finish(state: _FitRun) -> dict[str, Any]:
 
 
 def _ml3_offline(
-    model: nn.Module, loss_fn: nn.Module, oc: FitOptimConfig, lc: FitLossConfig, pairs: Any
+    model: nn.Module,
+    loss_fn: nn.Module,
+    oc: FitOptimConfig,
+    lc: FitLossConfig,
+    pairs: Any,
+    guard: GuardedLoss | None,
 ) -> list[float]:
     """ML3 (Bechtle et al. 2020) meta-training of ``loss_fn`` on a copy of ``model``.
 
     The unrolled inner step is the base SGD of the run (momentum, Nesterov, weight decay); with
-    ``optim.name="adam"`` it is plain SGD at ``optim.lr``. Returns the meta-loss history.
+    ``optim.name="adam"``/``"adamw"`` it is plain SGD at ``optim.lr``. Returns the meta-loss
+    history.
     """
     if oc.name == "sgd":
         inner = InnerSGD(
@@ -1049,7 +1095,7 @@ def _ml3_offline(
     else:
         inner = InnerSGD(lr=oc.lr)
     loss_fn.requires_grad_(True)
-    ml3 = ML3(loss_fn, inner_optimizer=inner, meta_lr=lc.meta_lr, guard=lc.guard)
+    ml3 = ML3(loss_fn, inner_optimizer=inner, meta_lr=lc.meta_lr, guard=guard or False)
     start = copy.deepcopy(model)
     history = ml3.meta_train(lambda: copy.deepcopy(start), pairs, lc.offline_steps, lc.reset_every)
     loss_fn.requires_grad_(False)

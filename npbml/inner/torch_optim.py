@@ -140,7 +140,7 @@ class TorchOptimStep:
         # param_groups are read at every call: a scheduler or ``load_state_dict`` replaces them.
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                name = self._name_of.get(id(p))
+                name = self._name_of.get(id(p), "")
                 if name in params and name in grads:
                     state = self.optimizer.state.get(p, {})
                     out[name] = self._rule(params[name], grads[name], group, state, self.horizon)
