@@ -508,10 +508,14 @@ class FitLossConfig:
     little class-specific signal, see ``docs/results.md``). ``evolved``: ``checkpoint`` is an
     ``npbml evolve`` output
     folder or an ``EvolvedLoss`` JSON file.
-    ``guard`` (``ml3``, ``adalfl``; this toolkit's option, default off = the papers' form):
-    train and meta-train through :class:`~npbml.loss_learning.GuardedLoss`, whose step never
-    opposes cross-entropy's and stays within ``guard_bounds`` (default [0.25, 4]) times its
-    norm; ``guard_bounds: [1, 1]`` locks the step's scale to cross-entropy's.
+    ``guard`` (``ml3``, ``adalfl``; this toolkit's option): train and meta-train through
+    :class:`~npbml.loss_learning.GuardedLoss`, whose logit-gradient norm stays within
+    ``guard_bounds`` times CE's and whose cosine with CE's gradient is at least
+    ``guard_min_cosine``. Unset, each method takes its default: ``adalfl`` is guarded with
+    bounds [1, 1] and cosine 0.5 (scale locked to CE's, direction within 60 degrees of it: the
+    papers' unbounded form collapses under momentum, docs/losses.md "Why AdaLFL drifted"),
+    ``ml3`` is not (the papers' form; bounds [0.25, 4], cosine 0 when ``guard: true``).
+    ``guard: false`` gives the papers' form for both.
     ``horizon`` (``adalfl``): ``"step"`` looks one step of the base optimizer ahead (the
     paper's), ``"momentum"`` to where the optimizer's momentum carries the weights
     (:class:`npbml.inner.TorchOptimStep`).
@@ -531,8 +535,9 @@ class FitLossConfig:
     meta_batch: Literal["next", "validation", "same"] = "next"
     offline_steps: int = 0
     reset_every: int | None = None
-    guard: bool = False
-    guard_bounds: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    guard: bool | None = None
+    guard_bounds: list[float] | None = None
+    guard_min_cosine: float | None = None
     horizon: Literal["step", "momentum"] = "step"
 
 
@@ -614,8 +619,12 @@ def fit_config_from_dict(data: Mapping[str, Any] | None) -> FitConfig:
     """Validate a nested mapping into a :class:`FitConfig` (unknown keys raise ConfigError)."""
     cfg = build_dataclass(FitConfig, data or {})
     _check_fit_values(cfg)
+    cos = cfg.loss.guard_min_cosine
+    if cos is not None and not 0.0 <= cos < 1.0:
+        raise ConfigError(f"loss.guard_min_cosine must be in [0, 1); got {cos}")
     lo_hi = cfg.loss.guard_bounds
-    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] or not all(map(math.isfinite, lo_hi)):
+    bad = lo_hi is not None and (len(lo_hi) != 2 or not all(map(math.isfinite, lo_hi)))
+    if lo_hi is not None and (bad or not 0 < lo_hi[0] <= lo_hi[1]):
         raise ConfigError(
             f"loss.guard_bounds must be [min_ratio, max_ratio] with 0 < min_ratio <= max_ratio; "
             f"got {lo_hi}"

@@ -53,7 +53,7 @@ from npbml.config import (  # the fit schema lives with the other configs; re-ex
     fit_config_from_dict,
 )
 from npbml.inner import InnerSGD
-from npbml.loss_learning.adalfl import AdaLFL
+from npbml.loss_learning.adalfl import DEFAULT_GUARD, AdaLFL
 from npbml.loss_learning.ml3 import ML3, GuardedLoss
 from npbml.loss_learning.warm_start import regress_to_cross_entropy
 from npbml.losses import LearnedLoss, all_finite, build_loss
@@ -681,11 +681,23 @@ Updater = OptimizerUpdater | AdaLFLUpdater
 
 
 def _guard(loss_fn: nn.Module, lc: FitLossConfig) -> GuardedLoss | None:
-    """``loss.guard``: the learned loss inside :class:`GuardedLoss` with ``loss.guard_bounds``."""
-    if not lc.guard:
+    """``loss.guard``: the learned loss inside :class:`GuardedLoss` with ``loss.guard_bounds``
+    and ``loss.guard_min_cosine``; unset, AdaLFL's default (:data:`DEFAULT_GUARD`) or ML3's
+    (none; GuardedLoss's own bounds when guarded)."""
+    adalfl = lc.name == "adalfl"
+    if not (lc.guard if lc.guard is not None else adalfl):
         return None
-    low, high = lc.guard_bounds
-    return GuardedLoss(loss_fn, min_ratio=low, max_ratio=high)
+    bounds = dict(DEFAULT_GUARD) if adalfl else {"min_ratio": 0.25, "max_ratio": 4.0}
+    if lc.guard_bounds is not None:
+        bounds["min_ratio"], bounds["max_ratio"] = lc.guard_bounds
+    if lc.guard_min_cosine is not None:
+        bounds["min_cosine"] = lc.guard_min_cosine
+    return GuardedLoss(
+        loss_fn,
+        min_ratio=bounds["min_ratio"],
+        max_ratio=bounds["max_ratio"],
+        min_cosine=bounds.get("min_cosine", 0.0),
+    )
 
 
 def _make_optimizer(oc: FitOptimConfig, model: nn.Module) -> torch.optim.Optimizer:

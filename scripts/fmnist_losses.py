@@ -21,7 +21,10 @@ Protocol (what ``docs/losses.md`` reports):
   EvoMAL loss (``evomal`` or any ``evomal_*`` row name; ``--evolved``: a prefix formula with
   unit node scalars, or the ``best.json`` of an ``npbml evolve`` search, e.g. with
   ``configs/evomal_fmnist.yaml``, with its tuned scalars; each row records its formula and
-  refuses another). ``*_guarded`` variants train and meta-train through
+  refuses another). ``*_locked`` variants lock the loss's logit-gradient norm to CE's
+  (``GuardedLoss(net, 1, 1)``; docs/losses.md, "Why AdaLFL drifted"), ``*_cone`` ones also
+  keep its cosine to CE's gradient at least 0.5 (AdaLFL's default guard). ``*_guarded`` variants
+  train and meta-train through
   :class:`npbml.loss_learning.GuardedLoss` (this toolkit's bound).
 * Tuning, the same for every loss: the learning rate from ``--lrs`` with the best final
   validation accuracy of one run at ``--tune-seed`` (not one of the reported seeds).
@@ -63,7 +66,9 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 #: The evolved formula used when ``--evolved`` is not given: the best loss of this toolkit's
 #: EvoMAL search on glyphs (docs/results.md), ``max(y, 1 - y + f)`` = ``C + 1 - p_t`` summed.
 DEFAULT_EVOLVED = "max(y, sub(1, sub(y, f)))"
-LEARNED = ("ml3", "adalfl", "ml3_guarded", "adalfl_guarded")
+LEARNED = (
+    "ml3", "adalfl", "ml3_guarded", "adalfl_guarded", "ml3_locked", "adalfl_locked", "adalfl_cone",
+)  # fmt: skip
 
 
 def make_model(name: str) -> nn.Module:
@@ -161,8 +166,14 @@ def train_run(
     info: dict[str, Any] = {}
     t0 = time.time()
     if loss in LEARNED:
-        guard = loss.endswith("_guarded")
         net = LearnedLoss()  # the papers' form: softmax inputs, 2-50-50-1, softplus output
+        # *_guarded: GuardedLoss's default bounds; *_locked: its step keeps CE's norm exactly;
+        # *_cone: and its direction within 60 degrees of CE's (AdaLFL's default guard).
+        guard: bool | GuardedLoss = loss.endswith("_guarded")
+        if loss.endswith("_locked"):
+            guard = GuardedLoss(net, 1.0, 1.0)
+        elif loss.endswith("_cone"):
+            guard = GuardedLoss(net, 1.0, 1.0, min_cosine=0.5)
         if loss.startswith("adalfl"):
             learner = AdaLFL(
                 model,

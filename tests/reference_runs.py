@@ -27,9 +27,10 @@ FIT_LOSSES: dict[str, dict[str, Any]] = {
     "label_smoothing": {"name": "label_smoothing", "smoothing": 0.2},
     "sparse_lsr": {"name": "sparse_lsr", "smoothing": 0.1},
     "ml3": {"name": "ml3", "offline_steps": 3},
-    "adalfl_next": {"name": "adalfl", "offline_steps": 2},
-    "adalfl_validation": {"name": "adalfl", "meta_batch": "validation"},
-    "adalfl_same": {"name": "adalfl", "meta_batch": "same"},
+    # Recorded with the papers' unbounded form, fit's AdaLFL default then (guard: false).
+    "adalfl_next": {"name": "adalfl", "offline_steps": 2, "guard": False},
+    "adalfl_validation": {"name": "adalfl", "meta_batch": "validation", "guard": False},
+    "adalfl_same": {"name": "adalfl", "meta_batch": "same", "guard": False},
     "learned": {"name": "learned", "checkpoint": "{tmp}/learned.pt"},
     "evolved": {"name": "evolved", "checkpoint": "{tmp}/evolved.json"},
 }

@@ -68,6 +68,16 @@ logger = logging.getLogger(__name__)
 
 META_BATCHES = ("next", "validation", "same")
 
+#: AdaLFL's default :class:`GuardedLoss` bounds: the step keeps CE's logit-gradient norm and a
+#: cosine of at least 0.5 with CE's gradient (docs/losses.md, "Why AdaLFL drifted").
+DEFAULT_GUARD: dict[str, float] = {"min_ratio": 1.0, "max_ratio": 1.0, "min_cosine": 0.5}
+
+
+def default_guard(loss_net: nn.Module) -> GuardedLoss:
+    """``loss_net`` inside :class:`GuardedLoss` with AdaLFL's :data:`DEFAULT_GUARD` bounds."""
+    g = DEFAULT_GUARD
+    return GuardedLoss(loss_net, g["min_ratio"], g["max_ratio"], min_cosine=g["min_cosine"])
+
 
 def adalfl_meta_loss(
     model: nn.Module,
@@ -143,9 +153,12 @@ class AdaLFL:
         meta_objective: ``(predictions, batch, params) -> scalar``; default CE / MSE by task.
         meta_optimizer: optimizer over ``loss_net.parameters()``; default Adam(``meta_lr``).
         guard: ``True`` (default): every base step uses the loss inside
-            :class:`~npbml.loss_learning.ml3.GuardedLoss` (its logit-gradient never opposes
-            cross-entropy's and stays within [0.25, 4] times its norm), so a loss network the
-            meta-learner drives flat or steep cannot stall or wreck the run; a
+            :class:`~npbml.loss_learning.ml3.GuardedLoss` with both bounds 1 and
+            ``min_cosine=0.5`` (:data:`DEFAULT_GUARD`): its logit gradient has exactly CE's norm
+            on every batch and stays within 60 degrees of CE's direction, so the meta-learner
+            shapes the loss but cannot turn it into a learning-rate multiplier (the one-step
+            meta-objective drives that scale up under momentum and down without it;
+            docs/losses.md, "Why AdaLFL drifted") nor point it away from the labels; a
             :class:`GuardedLoss` for other bounds; ``False`` for the paper's unbounded form.
         optimizer: the base optimizer, a :class:`torch.optim.SGD`, :class:`~torch.optim.Adam`
             or :class:`~torch.optim.AdamW` over ``model.parameters()``; the meta-objective looks
@@ -179,8 +192,9 @@ class AdaLFL:
         self.loss_net = loss_net
         net_task: str = getattr(loss_net, "task", "classification")  # LearnedLoss.task: a str
         self.task = task or net_task
-        #: The loss of the base steps: ``loss_net``, guarded unless ``guard=False``.
-        self.loss = guarded(loss_net, guard)
+        #: The loss of the base steps: ``loss_net`` in :data:`DEFAULT_GUARD`'s bounds, unless
+        #: ``guard`` says otherwise.
+        self.loss = guarded(loss_net, default_guard(loss_net) if guard is True else guard)
         self.optimizer = optimizer or torch.optim.SGD(
             model.parameters(),
             lr=base_lr,

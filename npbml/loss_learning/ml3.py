@@ -69,8 +69,11 @@ class GuardedLoss(nn.Module):
     The guard (this toolkit's, not the papers'): with ``g_M = dM/dz`` and ``g_C = dCE/dz`` at the
     batch's predictions ``z`` (the reference is MSE for regression),
 
-    1. direction: if ``<g_M, g_C> < 0`` the step would raise the batch's cross-entropy to first
-       order; ``c = -<g_M, g_C> / |g_C|^2`` times CE is added, removing that component;
+    1. direction: if ``cos(g_M, g_C) < min_cosine`` (default 0: the step would raise the batch's
+       cross-entropy to first order), the smallest ``c >= 0`` for which ``g_M + c g_C`` reaches
+       that cosine is found in closed form (with ``a = <g_M, g_C> / |g_C|`` and ``b`` the norm of
+       ``g_M``'s part orthogonal to ``g_C``, ``c |g_C| = k b / sqrt(1 - k^2) - a`` for ``k =
+       min_cosine``; ``c = -<g_M, g_C> / |g_C|^2`` at ``k = 0``), and ``c`` times CE is added;
     2. scale: the result is multiplied by ``s`` so that ``|s (g_M + c g_C)|`` lies in
        ``[min_ratio, max_ratio] |g_C|`` (a loss whose gradient vanishes is lifted to
        ``min_ratio`` of CE's step; one that explodes is cut to ``max_ratio``).
@@ -86,6 +89,7 @@ class GuardedLoss(nn.Module):
             the batch, e.g. :class:`~npbml.losses.LearnedLoss`).
         min_ratio: lower bound of the step's logit-gradient norm, as a fraction of CE's.
         max_ratio: upper bound, as a multiple of CE's.
+        min_cosine: smallest cosine between the step's logit gradient and CE's, in [0, 1).
         task: ``"classification"`` (reference CE) or ``"regression"`` (reference MSE); default
             ``loss_net.task``.
     """
@@ -96,12 +100,16 @@ class GuardedLoss(nn.Module):
         min_ratio: float = 0.25,
         max_ratio: float = 4.0,
         task: str | None = None,
+        min_cosine: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 < min_ratio <= max_ratio:
             raise ValueError(
                 f"GuardedLoss needs 0 < min_ratio <= max_ratio, got {min_ratio} and {max_ratio}"
             )
+        if not 0.0 <= min_cosine < 1.0:
+            raise ValueError(f"GuardedLoss needs 0 <= min_cosine < 1, got {min_cosine}")
+        self.min_cosine = float(min_cosine)
         self.net = loss_net
         self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
         net_task: str = getattr(loss_net, "task", "classification")  # LearnedLoss.task: a str
@@ -126,7 +134,13 @@ class GuardedLoss(nn.Module):
         if cc == 0.0 or not math.isfinite(cc):  # CE is flat (or broken) here: nothing to bound
             return value
         dot = float((g_m * g_c).sum())
-        c = max(0.0, -dot / cc)
+        a = dot / math.sqrt(cc)  # g_M's component along g_C, and its orthogonal part's norm b
+        b = math.sqrt(max(0.0, float((g_m * g_m).sum()) - a * a))
+        k = self.min_cosine
+        if k == 0.0:
+            c = max(0.0, -dot / cc)
+        else:
+            c = max(0.0, (k * b / math.sqrt(1.0 - k * k) - a) / math.sqrt(cc))
         norm = float((g_m + c * g_c).norm()) / math.sqrt(cc)  # |g_M + c g_C| / |g_C|
         ref = self.reference(predictions, (predictions, targets), {})
         if not math.isfinite(norm) or norm < 1e-12:
@@ -148,7 +162,10 @@ class GuardedLoss(nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
-        return f"min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, task={self.task!r}"
+        return (
+            f"min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, "
+            f"min_cosine={self.min_cosine}, task={self.task!r}"
+        )
 
 
 def guarded(loss_net: nn.Module, guard: bool | GuardedLoss | None) -> nn.Module:
