@@ -1,12 +1,15 @@
 """Benchmark SparseLSR against F.cross_entropy(label_smoothing=) and dense-target label smoothing,
 and the cost of an AdaLFL step relative to a plain cross-entropy step.
 
-    python scripts/bench_losses.py [--batch 128] [--classes 10 1000 100000] [--json FILE]
+    python scripts/bench_losses.py [--classes 10 100 1000 100000] [--batch N] [--json FILE]
                                    [--markdown docs/benchmarks.md]
 
-Per loss and class count: forward+backward wall time (median of repeats, after warm-up), the
-bytes autograd saves for backward (exact, via saved-tensor hooks), and the peak resident-memory
-increase of one forward+backward in a fresh child process (inputs allocated before the baseline).
+Per loss and class count: forward+backward wall time (median of repeats, after warm-up; the
+losses interleaved in rounds whose order rotates, plus the median of the per-round ratios to
+``F.cross_entropy``), the bytes autograd saves for backward (exact, via saved-tensor hooks), and
+the peak resident-memory increase of one forward+backward in a fresh child process (inputs
+allocated before the baseline). The batch is 512 rows up to 1,000 classes and 128 at 100,000
+(``--batch`` sets one for all), so that every call takes well under a second.
 The Markdown table replaces this script's own section of ``--markdown`` (between its markers) and
 leaves the rest of the file alone.
 """
@@ -27,12 +30,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _memory import status_kib  # scripts/_memory.py
+from _report import paired_ratio  # scripts/_report.py
 from torch import nn
 
 from npbml.loss_learning import AdaLFL
 from npbml.losses import LearnedLoss, label_smoothing_ce, sparse_label_smoothing
 
 XI = 0.1
+REFERENCE = "F.cross_entropy(label_smoothing)"
+
+
+def default_batch(classes: int) -> int:
+    """Rows per call: 512, or 128 from 10,000 classes (a [128, 1e5] call is ~0.1 s here)."""
+    return 512 if classes < 10_000 else 128
+
+
+def default_repeats(classes: int) -> int:
+    """Interleaved rounds: many for the microsecond-scale small-C calls, 21 at 100,000."""
+    return 300 if classes <= 1000 else 21
 
 
 def composed_sparse_lsr(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,11 +75,14 @@ def _inputs(batch: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return z, torch.randint(0, classes, (batch,), generator=g)
 
 
-def time_losses(batch: int, classes: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one forward+backward per loss, interleaved round-robin.
+def time_losses(batch: int, classes: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of one forward+backward per loss and round, interleaved round-robin.
 
-    Every repeat runs each loss once on the same logits, so a load change on the shared machine
+    Every round runs each loss once on the same logits, so a load change on the shared machine
     hits all of them alike, and the ratios to ``F.cross_entropy`` are measured side by side.
+    The order rotates from round to round: what a loss leaves behind in the caches and the
+    allocator slows the next one (measured: SparseLSR right after ``F.cross_entropy``'s backward
+    ran 1.3x slower at [512, 100] than after itself), so no loss always follows the same one.
     """
     z, t = _inputs(batch, classes)
     for fn in LOSSES.values():
@@ -72,13 +90,15 @@ def time_losses(batch: int, classes: int, repeats: int) -> dict[str, float]:
             z.grad = None
             fn(z, t).backward()
     times: dict[str, list[float]] = {name: [] for name in LOSSES}
-    for _ in range(repeats):
-        for name, fn in LOSSES.items():
+    names = list(LOSSES)
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = LOSSES[name]
             z.grad = None
             t0 = time.perf_counter()
             fn(z, t).backward()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
 
 
 def saved_bytes(name: str, batch: int, classes: int) -> int:
@@ -99,10 +119,16 @@ def saved_bytes(name: str, batch: int, classes: int) -> int:
 def child_peak_rss(name: str, batch: int, classes: int) -> int:
     """In a fresh process: peak RSS increase (bytes) of one forward+backward (Linux).
 
-    The high-water mark is reset first (``/proc/self/clear_refs``), so the import's own peak
-    does not hide small increases.
+    One warm-up call runs first (and its gradient is dropped), so one-off costs of a first call
+    (lazy kernel and autograd initialisation, about 8 MiB here) do not hide the loss's own
+    tensors; then the high-water mark is reset (``/proc/self/clear_refs``) to the current RSS.
+    The parent sets glibc's mmap threshold to one page, so every tensor of 4 KiB or more is its
+    own mapping, counted in RSS while alive and returned at once when freed: the peak is the
+    peak of live tensor memory to a page.
     """
     z, t = _inputs(batch, classes)
+    LOSSES[name](z, t).backward()
+    z.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = status_kib("VmRSS")
@@ -125,9 +151,10 @@ def peak_rss(name: str, batch: int, classes: int) -> int:
         check=True,
         capture_output=True,
         text=True,
-        # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the
-        # peak RSS tracks live tensor memory (the dynamic threshold would recycle freed blocks).
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        # A fixed one-page mmap threshold makes glibc return freed tensors to the OS at once,
+        # so the peak RSS tracks live tensor memory (the dynamic threshold would recycle freed
+        # blocks, and blocks under the threshold come from the heap).
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"},
     )
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -183,34 +210,52 @@ def adalfl_ratio(batch: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def machine() -> str:
+    """``x86_64, <CPU model>, <n> CPUs``, from ``/proc/cpuinfo`` where there is one."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass
+    return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} CPUs") if x)
+
+
 def markdown(results: dict) -> str:
     lines = [
         "## Losses: SparseLSR vs label smoothing, and AdaLFL step cost",
         "",
-        f"Generated by `scripts/bench_losses.py` on {results['machine']} "
-        f"(torch {results['torch']}, {results['threads']} threads, CPU, float32), "
-        f"batch {results['batch']}, smoothing {XI}; load average at start "
-        f"{results['load_average']} (shared machine: times are noisy). "
-        "Time: median forward+backward, the losses interleaved round-robin in one run (every "
-        "repeat runs each loss once), so the ratio column compares them under the same load. "
+        f"Command: `{results['command']}`. Generated on {results['machine']} "
+        f"(torch {results['torch']}, {results['threads']} thread(s), CPU, float32), "
+        f"smoothing {XI}; load average at start {results['load_average']} (shared machine: "
+        "times are noisy); the whole run took "
+        f"{results['wall_seconds']:.0f} s. "
+        "Time: median forward+backward over the rounds (every round runs each loss once, in an "
+        "order that rotates from round to round), so the losses are compared under the same "
+        "load; 'paired' is the median over rounds of the per-round ratio to "
+        "F.cross_entropy(label_smoothing) (load drift between rounds cancels). "
         "Saved: bytes autograd keeps for backward (besides the logits). "
         "Peak: resident-memory high-water mark of one forward+backward over the RSS before it, "
         "in a fresh process, including the logits' gradient (the same in every row).",
         "",
-        "| C | loss | time (ms) | time / F.cross_entropy(ls) | saved for backward (KiB) "
-        "| peak RSS increase (MiB) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| C | N | loss | time (ms) | time / F.cross_entropy(ls) | paired | "
+        "saved for backward (KiB) | peak RSS increase (MiB) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in results["losses"]:
         lines.append(
-            f"| {row['classes']} | {row['loss']} | {row['seconds'] * 1e3:.3f} | "
-            f"{row['time_over_torch_label_smoothing']:.2f} | {row['saved_bytes'] / 1024:.1f} | "
+            f"| {row['classes']} | {row['batch']} | {row['loss']} | {row['seconds'] * 1e3:.3f} | "
+            f"{row['time_over_torch_label_smoothing']:.2f} | "
+            f"{row['paired_over_torch_label_smoothing']:.2f} | {row['saved_bytes'] / 1024:.1f} | "
             f"{row['peak_rss_bytes'] / 2**20:.1f} |"
         )
     a = results["adalfl"]
     lines += [
         "",
-        f"AdaLFL step cost (MLP 784-256-10, batch {results['batch']}, 10 classes, "
+        f"AdaLFL step cost (MLP 784-256-10, batch {results['adalfl_batch']}, 10 classes, "
         "base SGD Nesterov 0.9 / wd 5e-4, loss network 2-50-50-1):",
         "",
         "| step | time (ms) | ratio to CE step |",
@@ -230,7 +275,8 @@ def markdown(results: dict) -> str:
         "~8-10 MiB of first-backward overhead (autograd engine, allocator), not the loss. "
         "The peak of a forward+backward is about "
         "the same for all of them, since every backward materialises [N, C] gradients. Step times "
-        "are interleaved round-robin. METHODS.md sec 4 expects an AdaLFL step to cost about "
+        "are interleaved round-robin. AdaLFL (Raymond et al., 'Online Loss Function Learning'; "
+        "Raymond's thesis, arXiv 2406.09713) expects an AdaLFL step to cost about "
         "2-3x a CE step; the ratio here also includes the learned loss's own cost (the "
         "'learned loss' row), its second-order backward and the loss-network update.",
         "",
@@ -255,9 +301,11 @@ def write_section(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--classes", type=int, nargs="+", default=[10, 1000, 100_000])
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=None, help="rows (default: default_batch(C))")
+    ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000, 100_000])
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default_repeats(C))")
+    ap.add_argument("--adalfl-batch", type=int, default=128)
+    ap.add_argument("--adalfl-repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, help="e.g. docs/benchmarks.md")
@@ -268,29 +316,39 @@ def main(argv: list[str] | None = None) -> dict:
         print(child_peak_rss(args.child[0], int(args.child[1]), int(args.child[2])))
         return {}
     rows = []
+    started = time.perf_counter()
     for c in args.classes:
-        seconds = time_losses(args.batch, c, args.repeats)
-        reference = seconds["F.cross_entropy(label_smoothing)"]
+        batch = args.batch or default_batch(c)
+        repeats = args.repeats or default_repeats(c)
+        times = time_losses(batch, c, repeats)
+        reference = statistics.median(times[REFERENCE])
         for name in LOSSES:
+            seconds = statistics.median(times[name])
             row = {
                 "classes": c,
+                "batch": batch,
+                "rounds": repeats,
                 "loss": name,
-                "seconds": seconds[name],
-                "time_over_torch_label_smoothing": seconds[name] / reference,
-                "saved_bytes": saved_bytes(name, args.batch, c),
-                "peak_rss_bytes": peak_rss(name, args.batch, c),
+                "seconds": seconds,
+                "time_over_torch_label_smoothing": seconds / reference,
+                "paired_over_torch_label_smoothing": paired_ratio(times[name], times[REFERENCE]),
+                "saved_bytes": saved_bytes(name, batch, c),
+                "peak_rss_bytes": peak_rss(name, batch, c),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
     results = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "batch": args.batch,
+        "command": "python scripts/bench_losses.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "adalfl_batch": args.adalfl_batch,
         "losses": rows,
-        "adalfl": adalfl_ratio(args.batch, args.repeats),
+        "adalfl": adalfl_ratio(args.adalfl_batch, args.adalfl_repeats),
     }
+    results["wall_seconds"] = time.perf_counter() - started
     print(json.dumps(results["adalfl"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -36,8 +36,8 @@ class _SparseLSRFunction(torch.autograd.Function):
     (using ``A + B = 1``; where ``1 - p_t`` is under the floor the clamp has zero gradient and
     the factor is ``A``). For ``k = t`` this is ``p_t - A``, as for standard label smoothing.
 
-    Forward is one ``logsumexp`` pass plus ``[M]`` vector work. It returns the loss and two
-    ``[M]`` vectors, ``logsumexp`` and ``p_t - 1`` (non-differentiable outputs, the modern
+    Forward is one ``logsumexp`` pass plus ``[M, 1]`` vector work. It returns the loss and two
+    ``[M, 1]`` vectors, ``logsumexp`` and ``p_t - 1`` (non-differentiable outputs, the modern
     ``setup_context`` way of saving intermediates), which autograd keeps with the logits (the
     caller's tensor, not a copy) -- no ``[M, C]`` intermediate. Backward builds ``p`` in one
     ``[M, C]`` buffer, writes ``p_t - 1`` (the exact ``expm1``) at the targets and scales rows in
@@ -47,7 +47,7 @@ class _SparseLSRFunction(torch.autograd.Function):
     ``torch.func.grad`` (which always builds the graph) the backward is recomputed from the saved
     logits in differentiable out-of-place ops, so second derivatives are exact.
 
-    ``mask`` is ``None`` (every row counts) or a ``[M]`` 0/1 tensor of the logits' dtype: rows at
+    ``mask`` is ``None`` (every row counts) or a ``[M, 1]`` 0/1 tensor of the logits' dtype: rows at
     0 (``ignore_index``) contribute nothing, and "mean" divides by the number of rows at 1.
     """
 
@@ -64,13 +64,15 @@ class _SparseLSRFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # logsumexp by hand, sharing its shifted logits with log p_t: 8 dispatches instead of
         # torch.logsumexp's ~9 plus a gather and a subtraction (dispatch cost rules at small C;
-        # torch.log_softmax + two gathers measured no faster at C = 10).
+        # torch.log_softmax + two gathers measured no faster at C = 10). Row vectors stay
+        # [M, 1] (keepdim) until the end: the backward broadcasts them without unsqueezes.
+        t_col = targets.unsqueeze(-1)
         row_max = z.amax(dim=-1, keepdim=True)
         shifted = z - row_max
-        log_pt = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        log_sum = shifted.exp_().sum(dim=-1).log_()
+        log_pt = shifted.gather(-1, t_col)
+        log_sum = shifted.exp_().sum(dim=-1, keepdim=True).log_()
         log_pt.sub_(log_sum)
-        lse = log_sum.add_(row_max.squeeze(-1))
+        lse = log_sum.add_(row_max)
         pt_minus_one = torch.expm1(log_pt)  # -(1 - p_t), exact near p_t = 1
         if b > 0.0:
             # log((1 - p_t) / (C - 1)) with 1 - p_t floored, the sign and 1 / (C - 1) folded
@@ -85,7 +87,7 @@ class _SparseLSRFunction(torch.autograd.Function):
         if reduction == "mean":
             loss = values.mean() if mask is None else values.sum() / mask.sum()
         else:
-            loss = values.sum() if reduction == "sum" else values
+            loss = values.sum() if reduction == "sum" else values.squeeze(-1)
         return loss, lse, pt_minus_one
 
     @staticmethod
@@ -93,25 +95,28 @@ class _SparseLSRFunction(torch.autograd.Function):
         z, targets, mask, a, b, reduction = inputs
         _, lse, pt_minus_one = output
         ctx.mark_non_differentiable(lse, pt_minus_one)
+        ctx.set_materialize_grads(False)  # no zero tensors for the two unused gradients
         ctx.save_for_backward(z, targets, mask, lse, pt_minus_one)
         ctx.save_for_forward(z, targets, mask)  # for the jvp of the subclass below
         ctx.a, ctx.b, ctx.reduction = a, b, reduction
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        if grad is None:  # grads are not materialised: the loss itself got none
+            return None, None, None, None, None, None
         z, targets, mask, lse, pt_minus_one = ctx.saved_tensors
         g = _row_scale(grad, mask, ctx.reduction, z.shape[0])
         if torch.is_grad_enabled():
             return _differentiable_grad(z, targets, ctx.a, ctx.b, g), None, None, None, None, None
         # -(1 - p_t), with -1 in floored rows: there 1 - B / 1 = A, the clamp's zero-gradient case.
-        neg_om = torch.where(pt_minus_one > -ONE_MINUS_PT_FLOOR, -1.0, pt_minus_one)
-        # Row factor g (1 - B / (1 - p_t)) = g + B g / neg_om, one fused op.
-        row = torch.addcdiv(g, g, neg_om, value=ctx.b).unsqueeze(-1)
+        neg_om = pt_minus_one.masked_fill(pt_minus_one > -ONE_MINUS_PT_FLOOR, -1.0)
+        # Row factor g (1 - B / (1 - p_t)) = g + B g / neg_om, one fused op ([M, 1]).
+        row = torch.addcdiv(g, g, neg_om, value=ctx.b)
         if z.shape[-1] < SOFTMAX_MIN_CLASSES:
-            gz = torch.sub(z, lse.unsqueeze(-1)).exp_()
+            gz = torch.sub(z, lse).exp_()
         else:
             gz = torch.softmax(z, -1)
-        gz.scatter_(-1, targets.unsqueeze(-1), pt_minus_one.unsqueeze(-1))  # p - onehot at t
+        gz.scatter_(-1, targets.unsqueeze(-1), pt_minus_one)  # p - onehot at t
         return gz.mul_(row), None, None, None, None, None
 
 
@@ -125,20 +130,17 @@ class _SparseLSRFunctionJvp(_SparseLSRFunction):
         # Forward mode (``torch.func.jvp``/``jacfwd``, e.g. ``torch.func.hessian``), in
         # differentiable ops: d value = coef * (dz_t - <p, dz>), coef = dL / d log p_t.
         z, targets, mask = ctx.saved_tensors
+        t_col = targets.unsqueeze(-1)
         log_p = torch.log_softmax(z, -1)
-        d_log_pt = z_dot.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - (log_p.exp() * z_dot).sum(
-            -1
-        )
-        coef = _log_pt_coefficient(
-            log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1), ctx.a, ctx.b
-        )
+        d_log_pt = z_dot.gather(-1, t_col) - (log_p.exp() * z_dot).sum(-1, keepdim=True)
+        coef = _log_pt_coefficient(log_p.gather(-1, t_col), ctx.a, ctx.b)
         values = coef * d_log_pt
         if mask is not None:
             values = values * mask
         if ctx.reduction == "mean":
             loss = values.mean() if mask is None else values.sum() / mask.sum()
         else:
-            loss = values.sum() if ctx.reduction == "sum" else values
+            loss = values.sum() if ctx.reduction == "sum" else values.squeeze(-1)
         return loss, None, None
 
 
@@ -164,8 +166,10 @@ class _SparseLSREager(torch.autograd.Function):
 def _row_scale(
     grad: torch.Tensor, mask: torch.Tensor | None, reduction: str, rows: int
 ) -> torch.Tensor:
-    """Upstream gradient of each row's value: ``[]`` (broadcast) without a mask, else ``[M]``."""
-    if reduction == "mean":
+    """Upstream gradient of each row's value, ``[M, 1]`` or ``[]`` (broadcast)."""
+    if reduction == "none":
+        grad = grad.unsqueeze(-1)
+    elif reduction == "mean":
         grad = grad * (1.0 / rows) if mask is None else grad / mask.sum()
     return grad if mask is None else grad * mask
 
@@ -183,10 +187,11 @@ def _differentiable_grad(
     z: torch.Tensor, targets: torch.Tensor, a: float, b: float, g: torch.Tensor
 ) -> torch.Tensor:
     """The closed-form gradient in differentiable ops (for ``create_graph``: second order)."""
-    log_pt = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
-    s = (_log_pt_coefficient(log_pt, a, b) * g).unsqueeze(-1)
+    t_col = targets.unsqueeze(-1)
+    log_pt = z.gather(-1, t_col) - torch.logsumexp(z, -1, keepdim=True)
+    s = _log_pt_coefficient(log_pt, a, b) * g
     gz = -torch.softmax(z, -1) * s
-    return gz.scatter_add(-1, targets.unsqueeze(-1), s)
+    return gz.scatter_add(-1, t_col, s)
 
 
 def _inspectable(targets: torch.Tensor) -> bool:
@@ -287,10 +292,10 @@ def sparse_label_smoothing(
     if _inspectable(t):
         if _check_cpu_targets(t, num_classes, ignore_index):
             keep = t != ignore_index
-            t, mask = t.masked_fill(~keep, 0), keep.to(z.dtype)
+            t, mask = t.masked_fill(~keep, 0), keep.to(z.dtype).unsqueeze(-1)
     else:  # no values read back: always masked (a few [M] ops)
         keep = t != ignore_index
-        t, mask = t.masked_fill(~keep, 0), keep.to(z.dtype)
+        t, mask = t.masked_fill(~keep, 0), keep.to(z.dtype).unsqueeze(-1)
     fn: type[torch.autograd.Function]
     if torch.compiler.is_compiling():
         fn = _SparseLSRFunction
