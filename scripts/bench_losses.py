@@ -5,7 +5,7 @@ and the cost of an AdaLFL step relative to a plain cross-entropy step.
                                    [--markdown docs/benchmarks.md]
 
 Per loss and class count: forward+backward wall time (median of repeats, after warm-up; the
-losses interleaved in rounds whose order rotates, plus the median of the per-round ratios to
+losses interleaved in rounds in a shuffled order, plus the median of the per-round ratios to
 ``F.cross_entropy``), the bytes autograd saves for backward (exact, via saved-tensor hooks), and
 the peak resident-memory increase of one forward+backward in a fresh child process (inputs
 allocated before the baseline). The batch is 512 rows up to 1,000 classes and 128 at 100,000
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -92,9 +93,13 @@ def time_losses(batch: int, classes: int, repeats: int) -> dict[str, list[float]
 
     Every round runs each loss once on the same logits, so a load change on the shared machine
     hits all of them alike, and the ratios to ``F.cross_entropy`` are measured side by side.
-    The order rotates from round to round: what a loss leaves behind in the caches and the
-    allocator slows the next one (measured: SparseLSR right after ``F.cross_entropy``'s backward
-    ran 1.3x slower at [512, 100] than after itself), so no loss always follows the same one.
+    The order is shuffled every round (fixed seed). What runs just before a loss changes its
+    time: measured at [512, 100], SparseLSR ran about 1.3x slower right after another loss's
+    forward+backward than right after itself, and ``F.cross_entropy`` was faster after the row
+    that calls it. A fixed or merely rotated order keeps every loss behind the same
+    predecessor (a rotation of the list keeps its cyclic neighbours), which biased earlier
+    versions of this table; shuffled, each loss follows each other one equally often on
+    average, and never benefits from always following code like its own.
     """
     z, t = _inputs(batch, classes)
     for fn in LOSSES.values():
@@ -103,8 +108,10 @@ def time_losses(batch: int, classes: int, repeats: int) -> dict[str, list[float]
             fn(z, t).backward()
     times: dict[str, list[float]] = {name: [] for name in LOSSES}
     names = list(LOSSES)
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        order.shuffle(names)
+        for name in names:
             fn = LOSSES[name]
             z.grad = None
             t0 = time.perf_counter()
@@ -273,7 +280,7 @@ def markdown(results: dict) -> str:
         "times are noisy); the whole run took "
         f"{results['wall_seconds']:.0f} s. "
         "Time: median forward+backward over the rounds (every round runs each loss once, in an "
-        "order that rotates from round to round), so the losses are compared under the same "
+        "order shuffled every round), so the losses are compared under the same "
         "load; 'paired' is the median over rounds of the per-round ratio to "
         "F.cross_entropy(label_smoothing) (load drift between rounds cancels). "
         "Saved: bytes autograd keeps for backward (besides the logits). "

@@ -62,33 +62,9 @@ class _SparseLSRFunction(torch.autograd.Function):
         b: float,
         reduction: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # logsumexp by hand, sharing its shifted logits with log p_t: 8 dispatches instead of
-        # torch.logsumexp's ~9 plus a gather and a subtraction (dispatch cost rules at small C;
-        # torch.log_softmax + two gathers measured no faster at C = 10). Row vectors stay
-        # [M, 1] (keepdim) until the end: the backward broadcasts them without unsqueezes.
-        t_col = targets.unsqueeze(-1)
-        row_max = z.amax(dim=-1, keepdim=True)
-        shifted = z - row_max
-        log_pt = shifted.gather(-1, t_col)
-        log_sum = shifted.exp_().sum(dim=-1, keepdim=True).log_()
-        log_pt.sub_(log_sum)
-        lse = log_sum.add_(row_max)
+        lse, log_pt = _lse_and_log_pt(z, targets.unsqueeze(-1))
         pt_minus_one = torch.expm1(log_pt)  # -(1 - p_t), exact near p_t = 1
-        if b > 0.0:
-            # log((1 - p_t) / (C - 1)) with 1 - p_t floored, the sign and 1 / (C - 1) folded
-            # into one multiply. The clamp always runs: one [M] op, and no host sync to skip it.
-            capped = pt_minus_one.clamp_max(-ONE_MINUS_PT_FLOOR)
-            values = capped.mul_(-1.0 / (z.shape[-1] - 1)).log_().mul_(-b)
-            values.add_(log_pt, alpha=-a)
-        else:
-            values = log_pt.mul_(-a)
-        if mask is not None:
-            values.mul_(mask)
-        if reduction == "mean":
-            loss = values.mean() if mask is None else values.sum() / mask.sum()
-        else:
-            loss = values.sum() if reduction == "sum" else values.squeeze(-1)
-        return loss, lse, pt_minus_one
+        return _loss(log_pt, pt_minus_one, a, b, z.shape[-1], mask, reduction), lse, pt_minus_one
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -96,7 +72,7 @@ class _SparseLSRFunction(torch.autograd.Function):
         _, lse, pt_minus_one = output
         ctx.mark_non_differentiable(lse, pt_minus_one)
         ctx.set_materialize_grads(False)  # no zero tensors for the two unused gradients
-        ctx.save_for_backward(z, targets, mask, lse, pt_minus_one)
+        ctx.save_for_backward(z, targets.unsqueeze(-1), mask, lse, pt_minus_one)
         ctx.save_for_forward(z, targets, mask)  # for the jvp of the subclass below
         ctx.a, ctx.b, ctx.reduction = a, b, reduction
 
@@ -104,18 +80,7 @@ class _SparseLSRFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
         if grad is None:  # grads are not materialised: the loss itself got none
             return None, None, None, None, None, None
-        z, targets, mask, lse, pt_minus_one = ctx.saved_tensors
-        g = _row_scale(grad, mask, ctx.reduction, z.shape[0])
-        if torch.is_grad_enabled():
-            return _differentiable_grad(z, targets, ctx.a, ctx.b, g), None, None, None, None, None
-        # -(1 - p_t), with -1 in floored rows: there 1 - B / 1 = A, the clamp's zero-gradient case.
-        neg_om = pt_minus_one.masked_fill(pt_minus_one > -ONE_MINUS_PT_FLOOR, -1.0)
-        # Row factor g (1 - B / (1 - p_t)) = g + B g / neg_om, one fused op ([M, 1]).
-        row = torch.addcdiv(g, g, neg_om, value=ctx.b)
-        small = z.shape[-1] < SOFTMAX_MIN_CLASSES
-        gz = torch.sub(z, lse).exp_() if small else torch.softmax(z, -1)
-        gz.scatter_(-1, targets.unsqueeze(-1), pt_minus_one)  # p - onehot at t
-        return gz.mul_(row), None, None, None, None, None
+        return _backward(ctx, grad), None, None, None, None, None
 
 
 class _SparseLSRFunctionJvp(_SparseLSRFunction):
@@ -145,20 +110,98 @@ class _SparseLSRFunctionJvp(_SparseLSRFunction):
 class _SparseLSREager(torch.autograd.Function):
     """The same Function in the combined ``forward(ctx, ...)`` style, for plain eager calls.
 
-    ``Function.apply`` binds the arguments of a ``setup_context`` Function with
-    ``inspect.signature`` on every call (about 20 us, measured on this project's CPU: a tenth of
-    the whole forward+backward at ``[512, 10]``); this style skips that. Used when neither
-    ``torch.compile`` nor a ``torch.func`` transform is active (the classes above run there).
+    Used when neither ``torch.compile`` nor a ``torch.func`` transform is active (the classes
+    above run there). Two costs of the ``setup_context`` style are skipped: ``Function.apply``
+    binds its arguments with ``inspect.signature`` on every call (about 20 us here, a tenth of
+    a ``[512, 10]`` forward+backward), and intermediates must be returned as extra outputs.
+    Every line of Python counts here: right after other work (a model's forward, another loss)
+    each dispatch of this path runs up to twice as slow as back to back with itself
+    (``docs/benchmarks.md``).
     """
 
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        output = _SparseLSRFunction.forward(*inputs)
-        _SparseLSRFunction.setup_context(ctx, inputs, output)
-        return output
+    def forward(
+        ctx: Any,
+        z: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor | None,
+        a: float,
+        b: float,
+        reduction: str,
+    ) -> torch.Tensor:
+        t_col = targets.unsqueeze(-1)
+        lse, log_pt = _lse_and_log_pt(z, t_col)
+        pt_minus_one = torch.expm1(log_pt)
+        ctx.save_for_backward(z, t_col, mask, lse, pt_minus_one)
+        ctx.save_for_forward(z, targets, mask)
+        ctx.a, ctx.b, ctx.reduction = a, b, reduction
+        return _loss(log_pt, pt_minus_one, a, b, z.shape[-1], mask, reduction)
 
-    backward = _SparseLSRFunction.backward
-    jvp = _SparseLSRFunctionJvp.jvp
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return _backward(ctx, grad), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, z_dot: torch.Tensor, *_: Any) -> torch.Tensor:
+        # Eager forward-mode AD (``torch.autograd.forward_ad`` dual tensors): one output here.
+        return _SparseLSRFunctionJvp.jvp(ctx, z_dot)[0]  # type: ignore[return-value]
+
+
+def _lse_and_log_pt(z: torch.Tensor, t_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logsumexp(z)`` and ``log p_t``, both ``[M, 1]``.
+
+    By hand, sharing the shifted logits with ``log p_t``: measured faster than
+    ``torch.logsumexp`` or ``torch.log_softmax`` plus gathers at C = 10 and 100 (CPU). The one
+    ``[M, C]`` buffer is freed on return. Row vectors stay ``[M, 1]`` (keepdim): the backward
+    broadcasts them without unsqueezes.
+    """
+    row_max = z.amax(dim=-1, keepdim=True)
+    shifted = z - row_max
+    log_pt = shifted.gather(-1, t_col)
+    log_sum = shifted.exp_().sum(dim=-1, keepdim=True).log_()
+    log_pt.sub_(log_sum)
+    return log_sum.add_(row_max), log_pt
+
+
+def _loss(
+    log_pt: torch.Tensor,
+    pt_minus_one: torch.Tensor,
+    a: float,
+    b: float,
+    num_classes: int,
+    mask: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    """``-A log p_t - B log((1 - p_t) / (C - 1))`` per row, masked and reduced."""
+    if b > 0.0:
+        # 1 - p_t floored, the sign and 1 / (C - 1) folded into one multiply. The clamp always
+        # runs: one [M] op, and no host sync to skip it.
+        capped = pt_minus_one.clamp_max(-ONE_MINUS_PT_FLOOR)
+        values = capped.mul_(-1.0 / (num_classes - 1)).log_().mul_(-b)
+        values.add_(log_pt, alpha=-a)
+    else:
+        values = log_pt.mul_(-a)
+    if mask is not None:
+        values.mul_(mask)
+    if reduction == "mean":
+        return values.mean() if mask is None else values.sum() / mask.sum()
+    return values.sum() if reduction == "sum" else values.squeeze(-1)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    """The logits' gradient from the saved ``(z, t_col, mask, lse, p_t - 1)``."""
+    z, t_col, mask, lse, pt_minus_one = ctx.saved_tensors
+    g = _row_scale(grad, mask, ctx.reduction, z.shape[0])
+    if torch.is_grad_enabled():
+        return _differentiable_grad(z, t_col, ctx.a, ctx.b, g)
+    # -(1 - p_t), with -1 in floored rows: there 1 - B / 1 = A, the clamp's zero-gradient case.
+    neg_om = pt_minus_one.masked_fill(pt_minus_one > -ONE_MINUS_PT_FLOOR, -1.0)
+    # Row factor g (1 - B / (1 - p_t)) = g + B g / neg_om, one fused op ([M, 1]).
+    row = torch.addcdiv(g, g, neg_om, value=ctx.b)
+    small = z.shape[-1] < SOFTMAX_MIN_CLASSES
+    gz = torch.sub(z, lse).exp_() if small else torch.softmax(z, -1)
+    gz.scatter_(-1, t_col, pt_minus_one)  # p - onehot at t
+    return gz.mul_(row)
 
 
 def _row_scale(
@@ -182,10 +225,9 @@ def _log_pt_coefficient(log_pt: torch.Tensor, a: float, b: float) -> torch.Tenso
 
 
 def _differentiable_grad(
-    z: torch.Tensor, targets: torch.Tensor, a: float, b: float, g: torch.Tensor
+    z: torch.Tensor, t_col: torch.Tensor, a: float, b: float, g: torch.Tensor
 ) -> torch.Tensor:
     """The closed-form gradient in differentiable ops (for ``create_graph``: second order)."""
-    t_col = targets.unsqueeze(-1)
     log_pt = z.gather(-1, t_col) - torch.logsumexp(z, -1, keepdim=True)
     s = _log_pt_coefficient(log_pt, a, b) * g
     gz = -torch.softmax(z, -1) * s
@@ -294,34 +336,36 @@ def sparse_label_smoothing(
     flat = not (z.dim() == 2 and targets.dtype == torch.long)  # the common case needs no reshape
     t = targets.reshape(-1).long() if flat else targets
     z2 = z.reshape(-1, num_classes) if flat else z
-    fn: type[torch.autograd.Function]
-    if torch.compiler.is_compiling():
-        fn = _SparseLSRFunction
-    elif torch._C._are_functorch_transforms_active():
-        fn = _SparseLSRFunctionJvp
-    else:
-        fn = _SparseLSREager
-    if not _inspectable(t):  # CUDA, compiled or vmap'd targets: nothing read back, always masked
-        t, mask = _masked(t, ignore_index, z.dtype)
+    out: torch.Tensor
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # The setup_context Functions (TorchDynamo does not trace a custom jvp: no jvp there).
+        fn = _SparseLSRFunction if torch.compiler.is_compiling() else _SparseLSRFunctionJvp
+        mask = None
+        # Compiled, CUDA or vmap'd targets: nothing read back, always masked; else checked.
+        if not _inspectable(t) or _check_cpu_targets(t, num_classes, ignore_index):
+            t, mask = _masked(t, ignore_index, z.dtype)
         out = fn.apply(z2, t, mask, a, b, reduction)[0]
-    elif fn is _SparseLSREager and not 0 <= ignore_index < num_classes:
+    elif not _inspectable(t):  # CUDA etc.: nothing read back (no sync), always masked
+        t, mask = _masked(t, ignore_index, z.dtype)
+        out = _SparseLSREager.apply(z2, t, mask, a, b, reduction)
+    elif not 0 <= ignore_index < num_classes:
         # Plain CPU eager call: CPU gather checks every index, so a call whose labels are all in
-        # [0, C) pays for no check of its own (the check is three dispatches, about 5% of a
-        # [512, 100] forward+backward). An ignored or out-of-range label fails the gather, and
-        # only then are the labels read: ValueError for a bad one, else the masked path.
+        # [0, C) pays for no check of its own. An ignored or out-of-range label fails the
+        # gather, and only then are the labels read: ValueError for a bad one, else the masked
+        # path.
         try:
-            out = fn.apply(z2, t, None, a, b, reduction)[0]
+            out = _SparseLSREager.apply(z2, t, None, a, b, reduction)
         except RuntimeError as err:
             if "out of bounds" not in str(err):
                 raise
             _check_cpu_targets(t, num_classes, ignore_index)
             t, mask = _masked(t, ignore_index, z.dtype)
-            out = fn.apply(z2, t, mask, a, b, reduction)[0]
-    else:
+            out = _SparseLSREager.apply(z2, t, mask, a, b, reduction)
+    else:  # an ignore_index that is also a valid class: look for it
         mask = None
         if _check_cpu_targets(t, num_classes, ignore_index):
             t, mask = _masked(t, ignore_index, z.dtype)
-        out = fn.apply(z2, t, mask, a, b, reduction)[0]
+        out = _SparseLSREager.apply(z2, t, mask, a, b, reduction)
     return out.reshape(targets.shape) if flat and reduction == "none" else out
 
 
