@@ -1,4 +1,9 @@
-"""SparseLSR (METHODS.md sec 5) against closed forms and the standard label-smoothing loss."""
+"""SparseLSR against closed forms and the standard label-smoothing loss.
+
+The loss: Raymond, PhD thesis "Meta-Learning Loss Functions for Deep Neural Networks" (arXiv
+2406.09713), and EvoMAL (Raymond et al., TPAMI 2023, arXiv 2209.08907); see
+`docs/methods/sparse-lsr.md`.
+"""
 
 import math
 
