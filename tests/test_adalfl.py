@@ -290,3 +290,24 @@ def test_bad_horizon_and_optimizer_are_refused():
         AdaLFL(model, LearnedLoss(hidden=(4,)), horizon="forever")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="RMSprop"):
         AdaLFL(model, LearnedLoss(hidden=(4,)), optimizer=torch.optim.RMSprop(model.parameters()))
+
+
+def test_a_parameter_the_loss_does_not_reach_is_left_alone_as_torch_would():
+    """An unused parameter gets no gradient: neither weight decay nor momentum touches it."""
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)  # self.unused is registered but never called
+
+    torch.manual_seed(9)
+    model = WithUnused()
+    w = model.unused.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    adalfl = AdaLFL(model, LearnedLoss(hidden=(4,)), meta_lr=1e-2, optimizer=opt)
+    for s in range(3):
+        adalfl.step(_data(seed=s), _data(seed=s + 1))
+    assert torch.equal(model.unused.weight, w) and model.unused.weight not in opt.state

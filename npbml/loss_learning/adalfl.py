@@ -302,7 +302,9 @@ class AdaLFL:
         raw = torch.autograd.grad(
             base, [preds, *(params[k] for k in names)], create_graph=True, allow_unused=True
         )
-        grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(names, raw[1:])}
+        # A parameter the loss does not reach gets no gradient, as in plain torch training: the
+        # optimizer then leaves it (and its state) alone in the look-ahead and the real step.
+        grads = {k: g for k, g in zip(names, raw[1:]) if g is not None}
         ahead = self.look_ahead.step(params, grads)
         meta_preds = functional_forward(self.model, ahead, meta_batch[0])
         meta = self.meta_objective(meta_preds, meta_batch, ahead)
