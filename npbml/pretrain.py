@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from npbml.algorithms.npbml.layers.film import block_channels
+from npbml.algorithms.npbml.layers.relation import RelationNetwork, save_relation
+
 # The nearest-prototype computation has one home, the baseline learner's module; pre-training
 # uses it to pick the best-validation backbone (and re-exports it for existing callers).
 from npbml.algorithms.prototype import features as _features
 from npbml.algorithms.prototype import prototype_accuracy
-from npbml.film import block_channels
 
 # Backbone files live with the models (a learner loads them without importing this driver);
 # re-exported here, their former home.
@@ -41,7 +43,6 @@ from npbml.models.weights import (  # noqa: F401
     load_backbone_weights,
     save_backbone,
 )
-from npbml.relation import RelationNetwork, save_relation
 from tasks.dataset import ClassDataset
 from tasks.sampler import EpisodeSource
 
@@ -399,7 +400,8 @@ def run_pretrain_relation_network(
     encoder_blocks: int = 0,
 ) -> tuple[PretrainResult, Path]:
     """The relation-network stage of an experiment: episodic pre-training on the config's task
-    distribution (:func:`pretrain_relation`), written with :func:`~npbml.relation.save_relation`.
+    distribution (:func:`pretrain_relation`), written with
+    :func:`~npbml.algorithms.npbml.layers.relation.save_relation`.
 
     Args:
         config: the experiment :class:`~npbml.config.Config`.

@@ -63,8 +63,8 @@ def build(
     import torch
 
     from npbml.algorithms import MAML, NPBML
+    from npbml.algorithms.npbml.layers.relation import RelationNetwork
     from npbml.models import Conv4, ResNet12
-    from npbml.relation import RelationNetwork
 
     torch.manual_seed(0)
     model: torch.nn.Module

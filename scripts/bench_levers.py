@@ -6,14 +6,17 @@ interleaved round-robin in one process (one thread, thread time, medians after o
 Levers (``--lever``):
 
 - ``unfold``: the first adapted conv from patches unfolded once per episode
-  (:mod:`npbml.unfold`): ``learner.unfold_max_growth`` at ``--on`` against 0 (never). The demo
+  (:mod:`npbml.algorithms.npbml.layers.unfold`): ``learner.unfold_max_growth`` at ``--on`` against 0
+  (never). The demo
   setting's adapted conv has stride 1 (patches 9x the activation): ``--on 10`` there measures
   what the default limit (4) skips.
 - ``warp``: the warp's convolution as one dense matrix product on maps smaller than its kernel
-  (:func:`npbml.warp.warp_conv`) against ``F.conv2d`` (``WarpLayer.dense_small_maps``).
+  (:func:`npbml.algorithms.npbml.layers.warp.warp_conv`) against ``F.conv2d``
+  (``WarpLayer.dense_small_maps``).
 - ``norm``: the adapted blocks' and warps' BatchNorm from reductions and elementwise operations
-  (:func:`npbml.norm.batch_norm`, which keeps vmap's task dimension out of the channels) against
-  PyTorch's BatchNorm forward (the modules' ``npbml.norm.batch_norm`` swapped for a plain call).
+  (:func:`npbml.algorithms.npbml.layers.norm.batch_norm`, which keeps vmap's task dimension out of
+  the channels) against PyTorch's BatchNorm forward (the modules' ``batch_norm`` swapped for a
+  plain call).
 
 Usage:
     python scripts/bench_levers.py --lever unfold --setting bench --out docs/bench_unfold.json
@@ -56,12 +59,10 @@ def _switch(learner: Any, lever: str, on: float) -> Callable[[bool], None]:
             layer.dense_small_maps = enabled
 
     def norm(enabled: bool) -> None:
-        import npbml.film
-        import npbml.norm
-        import npbml.warp
+        from npbml.algorithms.npbml.layers import film, norm, warp
 
-        fn = npbml.norm.batch_norm if enabled else _plain_norm
-        npbml.film.batch_norm = npbml.warp.batch_norm = fn  # type: ignore[attr-defined]
+        fn = norm.batch_norm if enabled else _plain_norm
+        film.batch_norm = warp.batch_norm = fn  # type: ignore[attr-defined]
 
     return {"unfold": unfold, "warp": warp, "norm": norm}[lever]
 

@@ -85,8 +85,8 @@ def build(variant: str, setting: dict[str, Any], ways: int = 5) -> Any:
     import torch
 
     from npbml.algorithms import MAML, NPBML
+    from npbml.algorithms.npbml.layers.relation import RelationNetwork
     from npbml.models import Conv4
-    from npbml.relation import RelationNetwork
 
     torch.manual_seed(0)
     model = Conv4(1, ways, hidden=setting["hidden"], image_size=28, variant=setting["variant"])

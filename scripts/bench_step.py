@@ -438,7 +438,7 @@ class L2LRunner:
             self.learner: nn.Module = l2l.algorithms.MAML(self.model, lr=0.4, first_order=fo)
         elif kind in _NPBML_KINDS:
             from npbml.algorithms import NPBML
-            from npbml.relation import RelationNetwork
+            from npbml.algorithms.npbml.layers.relation import RelationNetwork
 
             relation = (
                 RelationNetwork(in_channels=1)

@@ -232,7 +232,8 @@ import learn2learn as l2l
 import npbml  # noqa: F401
 import tasks  # noqa: F401
 import tasks.compat  # noqa: F401  (numpy)
-import npbml.losses.learned, npbml.warp  # noqa: F401,E401  (torch; what tests/l2l use)
+# torch; what tests/l2l use
+import npbml.losses.learned, npbml.algorithms.npbml.layers.warp  # noqa: F401,E401
 import yaml, PIL, tqdm, pytest  # noqa: F401,E401  (npbml's other runtime deps, test runner)
 
 assert l2l.__version__ == "0.2.0", l2l.__version__

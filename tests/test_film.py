@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from npbml.film import (
+from npbml.algorithms.npbml.layers.film import (
     FiLMBlock,
     FiLMGenerator,
     FiLMLinear,

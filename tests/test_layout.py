@@ -9,10 +9,10 @@ from torch import nn
 
 from npbml.algorithms import ANIL, MAML
 from npbml.algorithms.npbml import NPBML
+from npbml.algorithms.npbml.layers.relation import RelationNetwork
 from npbml.layout import channels_last_params, is_channels_last
 from npbml.models import Conv4
 from npbml.params import functional_forward
-from npbml.relation import RelationNetwork
 from tasks.episode import Episode
 
 WAYS = 3

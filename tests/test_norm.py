@@ -1,4 +1,5 @@
-"""npbml.norm.batch_norm against PyTorch's BatchNorm and finite differences (float64)."""
+"""npbml.algorithms.npbml.layers.norm.batch_norm against PyTorch's BatchNorm and finite differences
+(float64)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from npbml.norm import batch_norm, spatial_mean
+from npbml.algorithms.npbml.layers.norm import batch_norm, spatial_mean
 
 
 def _bn(c: int, dims: int = 2, affine: bool = True) -> nn.Module:

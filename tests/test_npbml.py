@@ -3,8 +3,8 @@ import torch
 
 from npbml.algorithms import MAML, build_algorithm
 from npbml.algorithms.npbml import ABLATIONS, NPBML
+from npbml.algorithms.npbml.layers.relation import RelationNetwork
 from npbml.models import Conv4
-from npbml.relation import RelationNetwork
 from tasks.episode import Episode
 
 WAYS = 5

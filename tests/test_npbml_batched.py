@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from npbml.algorithms.npbml import NPBML
 from npbml.algorithms.npbml.batched import batchable
+from npbml.algorithms.npbml.layers.relation import RelationNetwork, _pairs
+from npbml.algorithms.npbml.layers.task_loss import _tensor_statistics, one_hot, weight_statistics
+from npbml.algorithms.npbml.layers.unfold import Unfolded
 from npbml.models import Conv4
-from npbml.relation import RelationNetwork, _pairs
-from npbml.task_loss import _tensor_statistics, one_hot, weight_statistics
-from npbml.unfold import Unfolded
 from tasks.episode import Episode
 
 WAYS = 5
@@ -114,8 +114,8 @@ def test_batched_meta_gradient_equals_per_task(kw):
 
 @pytest.mark.parametrize("kw", [{}, {"head_init": "proto"}], ids=["default", "proto"])
 def test_batched_equals_per_task_with_the_adapted_input_unfolded(kw):
-    """Conv4 strided: the adapted conv reads once-unfolded patches (npbml.unfold) on both
-    paths; the batched one stacks them per task."""
+    """Conv4 strided: the adapted conv reads once-unfolded patches
+    (npbml.algorithms.npbml.layers.unfold) on both paths; the batched one stacks them per task."""
     batched, per_task = _pair(variant="strided", **kw)
     batch = _batch()
     task = batch.unstack()[0]

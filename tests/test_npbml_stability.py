@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from npbml.algorithms import MAML
 from npbml.algorithms.npbml import NPBML
+from npbml.algorithms.npbml.layers.relation import RelationNetwork
 from npbml.models import Conv4
-from npbml.relation import RelationNetwork
 from tasks.episode import Episode
 
 WAYS = 20

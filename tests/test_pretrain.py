@@ -7,6 +7,7 @@ from fixtures_formats import write_split_folders
 from torch import nn
 
 from npbml.algorithms.npbml import NPBML, build_npbml
+from npbml.algorithms.npbml.layers.relation import RelationNetwork, load_relation, save_relation
 from npbml.checkpoint import CheckpointError
 from npbml.cli.pretrain import (
     add_backbone_arguments,
@@ -23,7 +24,6 @@ from npbml.pretrain import (
     prototype_accuracy,
     save_backbone,
 )
-from npbml.relation import RelationNetwork, load_relation, save_relation
 from tasks import Episode, TaskSampler, TensorClassDataset
 
 
@@ -180,7 +180,7 @@ def test_relation_scores_match_a_plain_nchw_reference():
     equal a hand-written pass of the same modules on contiguous NCHW tensors."""
     import torch
 
-    from npbml.relation import RelationNetwork
+    from npbml.algorithms.npbml.layers.relation import RelationNetwork
 
     torch.manual_seed(0)
     net = RelationNetwork(channels=8, in_channels=1)

@@ -10,6 +10,7 @@ import torch
 from fixtures_formats import write_split_folders
 
 from npbml.algorithms.npbml import NPBML, build_npbml
+from npbml.algorithms.npbml.layers.relation import RelationNetwork, load_relation, save_relation
 from npbml.cli.pretrain import (
     add_backbone_arguments,
     add_relation_arguments,
@@ -18,7 +19,6 @@ from npbml.cli.pretrain import (
 )
 from npbml.models import Conv4
 from npbml.pretrain import backbone_features, pretrain_relation
-from npbml.relation import RelationNetwork, load_relation, save_relation
 from tasks import TaskSampler, TensorClassDataset
 
 

@@ -5,7 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from npbml.task_loss import LossMLP, TaskAdaptiveLoss, _tensor_statistics, weight_statistics
+from npbml.algorithms.npbml.layers.task_loss import (
+    LossMLP,
+    TaskAdaptiveLoss,
+    _tensor_statistics,
+    weight_statistics,
+)
 
 N = 5
 

@@ -12,10 +12,10 @@ from torch import nn
 
 from npbml.algorithms import MAML, MetaSGD
 from npbml.algorithms.npbml import NPBML
+from npbml.algorithms.npbml.layers.relation import RelationNetwork
 from npbml.algorithms.task_parallel import parallel_map, parallel_task_gradients, replicate
 from npbml.models import Conv4
 from npbml.params import functional_forward
-from npbml.relation import RelationNetwork
 from tasks.episode import Episode
 
 WAYS = 3

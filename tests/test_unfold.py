@@ -1,5 +1,5 @@
-"""The convolution from once-unfolded patches (npbml.unfold, issue 13) against F.conv2d, and
-NPBML with it against NPBML without it, in float64."""
+"""The convolution from once-unfolded patches (npbml.algorithms.npbml.layers.unfold, issue 13)
+against F.conv2d, and NPBML with it against NPBML without it, in float64."""
 
 from __future__ import annotations
 
@@ -10,15 +10,21 @@ from torch import nn
 from torch.func import grad, vmap
 
 from npbml.algorithms.npbml import NPBML
-from npbml.film import (
+from npbml.algorithms.npbml.layers.film import (
     FiLMGenerator,
     film_block_forward,
     unfoldable_conv,
     unfolded_block_forward,
 )
+from npbml.algorithms.npbml.layers.relation import RelationNetwork
+from npbml.algorithms.npbml.layers.unfold import (
+    Unfolded,
+    can_unfold,
+    patch_weight,
+    unfold_input,
+    unfolded_conv,
+)
 from npbml.models import Conv4, ConvBlock, ResidualBlock
-from npbml.relation import RelationNetwork
-from npbml.unfold import Unfolded, can_unfold, patch_weight, unfold_input, unfolded_conv
 from tasks.episode import Episode
 
 TOL = 1e-10

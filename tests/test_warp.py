@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from npbml.algorithms.npbml import NPBML
+from npbml.algorithms.npbml.layers.warp import WarpLayer, dense_conv_matrix, warp_conv
 from npbml.models import Conv4
-from npbml.warp import WarpLayer, dense_conv_matrix, warp_conv
 
 
 def test_dirac_init_is_identity():
@@ -20,7 +20,7 @@ def test_dirac_init_is_identity():
 def test_warp_preconditions_the_layer_before_by_omega_omega_t():
     # Task layer h = W x (1x1 conv on a 1x1 map), warp z = Omega h (3x3 conv: on a 1x1 map only
     # the centre tap acts), loss L(z) = <c, z>. One SGD step on W must move z by
-    # -alpha * Omega Omega^T dL/dz * |x|^2 (module docstring of npbml.warp).
+    # -alpha * Omega Omega^T dL/dz * |x|^2 (module docstring of npbml.algorithms.npbml.layers.warp).
     torch.manual_seed(0)
     cin, c, alpha = 3, 4, 0.1
     warp = WarpLayer(c, film=False)

@@ -7,14 +7,14 @@ a parameter out of the step is ``allow_nograd=True`` together with ``requires_gr
 parameter, which also removes it from the meta-gradient: the parameter is *frozen*, not
 meta-learned.
 
-NPBML's warp layers (omega, :mod:`npbml.warp`) and FiLM generators (psi, :mod:`npbml.film`) are
-*meta-only*: fixed during the inner loop, learned in the outer loop (Raymond et al., arXiv
-2406.07983, docs/methods/npbml.md; Flennerhag et al., 2020, WarpGrad). :func:`maml_adapt` gives that
-with learn2learn's own update: it differentiates the inner loss w.r.t. the adapted parameters
-only and hands learn2learn's ``maml_update`` a ``None`` gradient for the meta-only ones, which
-``maml_update`` leaves untouched. The meta-only parameters then stay in the graph of the adapted
-learner and receive the full second-order meta-gradient, through the query forward pass and
-through the inner gradient.
+NPBML's warp layers (omega, :mod:`npbml.algorithms.npbml.layers.warp`) and FiLM generators (psi,
+:mod:`npbml.algorithms.npbml.layers.film`) are *meta-only*: fixed during the inner loop, learned in
+the outer loop (Raymond et al., arXiv 2406.07983, docs/methods/npbml.md; Flennerhag et al., 2020,
+WarpGrad). :func:`maml_adapt` gives that with learn2learn's own update: it differentiates the inner
+loss w.r.t. the adapted parameters only and hands learn2learn's ``maml_update`` a ``None`` gradient
+for the meta-only ones, which ``maml_update`` leaves untouched. The meta-only parameters then stay
+in the graph of the adapted learner and receive the full second-order meta-gradient, through the
+query forward pass and through the inner gradient.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from npbml.film import FiLMGenerator
-from npbml.warp import WarpLayer
+from npbml.algorithms.npbml.layers.film import FiLMGenerator
+from npbml.algorithms.npbml.layers.warp import WarpLayer
 
 __all__ = ["META_ONLY_TYPES", "maml_adapt", "meta_only_names"]
 
@@ -38,9 +38,9 @@ def meta_only_names(
     model: nn.Module, types: tuple[type[nn.Module], ...] = META_ONLY_TYPES
 ) -> list[str]:
     """Names (as in ``model.named_parameters()``) of the parameters that live inside a submodule
-    of one of ``types``: by default every :class:`~npbml.warp.WarpLayer` and
-    :class:`~npbml.film.FiLMGenerator` (including the generators inside ``FiLMBlock`` and
-    ``FiLMLinear``). Pass the result as ``meta_only`` to :func:`maml_adapt`."""
+    of one of ``types``: by default every :class:`~npbml.algorithms.npbml.layers.warp.WarpLayer`
+    and :class:`~npbml.algorithms.npbml.layers.film.FiLMGenerator` (including the generators inside
+    ``FiLMBlock`` and ``FiLMLinear``). Pass the result as ``meta_only`` to :func:`maml_adapt`."""
     owned: set[int] = set()
     for module in model.modules():
         if isinstance(module, types):

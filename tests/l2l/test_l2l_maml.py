@@ -16,10 +16,10 @@ from torch import nn
 from torch.func import functional_call
 
 from npbml.algorithms import MAML as NpbmlMAML
-from npbml.film import FiLMBlock
+from npbml.algorithms.npbml.layers.film import FiLMBlock
+from npbml.algorithms.npbml.layers.warp import WarpLayer
 from npbml.interop.l2l_maml import maml_adapt, meta_only_names
 from npbml.losses.learned import LearnedLoss
-from npbml.warp import WarpLayer
 
 WAYS, SHOTS, QUERIES, C = 3, 2, 2, 4
 LR, STEPS = 0.3, 2

@@ -7,10 +7,18 @@ One folder, one concept (docs/methods/npbml.md; docs/npbml.md lists every deviat
 * :mod:`.network` - :class:`NPBMLNetwork` (backbone + FiLM + warps + head row) and which
   tensors adapt;
 * :mod:`.learner` - :class:`NPBML`, the meta-learner (no file I/O);
-* :mod:`.build` - :func:`build_npbml`, which loads the checkpoints the options name.
+* :mod:`.build` - :func:`build_npbml`, which loads the checkpoints the options name;
+* :mod:`.batched` - the inner loop of a meta-batch of tasks in one ``vmap``'d pass;
+* :mod:`.cache` - the per-episode work shared by the inner steps (frozen features, relation
+  scores);
+* :mod:`.layers` - NPBML's layers: :mod:`.layers.film` (FiLM, psi), :mod:`.layers.warp` (the
+  warp layers, omega), :mod:`.layers.task_loss` (the learned inner loss ``M``, phi),
+  :mod:`.layers.relation` (the frozen relation network behind ``L_Q``), :mod:`.layers.norm`
+  (BatchNorm and spatial means fast in the adapted layout) and :mod:`.layers.unfold` (the adapted
+  convolution's input unfolded once per episode).
 
-The reusable pieces live in their own modules: :mod:`npbml.film`, :mod:`npbml.warp`,
-:mod:`npbml.task_loss`, :mod:`npbml.relation`.
+Channels-last execution (:mod:`npbml.layout`) is shared with every gradient-based learner and
+stays outside this folder.
 """
 
 from npbml.algorithms.npbml.build import build_npbml

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch.func import grad, vmap
 
+from npbml.algorithms.npbml.layers.unfold import Unfolded
 from npbml.params import Params
-from npbml.unfold import Unfolded
 from tasks.episode import Episode
 
 __all__ = ["BatchableLearner", "batchable", "batched_query_logits"]
@@ -95,7 +95,7 @@ def _safeguard(grads: Params, max_norm: float | None) -> tuple[Params, torch.Ten
 
 
 def _stack(items: Sequence[Any]) -> Any:
-    """Stack per-task tensors, or per-task :class:`~npbml.unfold.Unfolded` field by field."""
+    """Stack per-task tensors, or per-task :class:`~.layers.unfold.Unfolded` field by field."""
     if isinstance(items[0], Unfolded):
         return Unfolded(*(torch.stack(list(f)) for f in zip(*items)))
     return torch.stack(list(items))

@@ -46,7 +46,7 @@ def build_npbml(
         load_backbone_weights(model, opts.backbone_checkpoint)
     needs_query = "query" in opts.resolved().loss_terms
     if needs_query and relation_net is None and opts.relation_checkpoint is not None:
-        from npbml.relation import load_relation
+        from npbml.algorithms.npbml.layers.relation import load_relation
 
         relation_net = load_relation(opts.relation_checkpoint)
     return NPBML(model, opts, relation_net=relation_net, checkpoints_loaded=True, **rest)

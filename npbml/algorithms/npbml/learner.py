@@ -13,9 +13,9 @@ Pieces (each an ``nn.Module`` of its own, usable elsewhere):
   all ``N`` head rows start from one meta-learned row. The rows are *expanded* from it, so the
   meta-gradient reaches it (sum of the per-row gradients); the reference code writes through
   ``.data`` and loses it.
-* omega: :class:`~npbml.warp.WarpLayer` after the blocks in ``warp_after`` (default the last);
+* omega: :class:`~.layers.warp.WarpLayer` after the blocks in ``warp_after`` (default the last);
   never updated by the inner loop, so ``P`` is the induced preconditioner ``Omega Omega^T``.
-* phi: :class:`~npbml.task_loss.TaskAdaptiveLoss` ``M = CE + L_S + L_Q + R``.
+* phi: :class:`~.layers.task_loss.TaskAdaptiveLoss` ``M = CE + L_S + L_Q + R``.
 * psi: FiLM generators on the non-frozen encoder blocks, in the warps and in the loss MLPs.
 
 Inner loop: forward on ``[S_x; Q_x]`` together (BatchNorm statistics over both; ``joint_forward``),
@@ -31,7 +31,7 @@ Ablations (paper Tables 3 and 4) are keyword presets in
 Stability (a deviation; the paper is silent): the learned loss reads bounded inputs and every
 inner step passes the gradient-norm safeguard (``NPBMLOptions.inner_max_grad_norm``), so a loss
 network of any weight scale moves the adapted weights by a bounded amount per step
-(:mod:`npbml.task_loss`, docs/npbml.md).
+(:mod:`npbml.algorithms.npbml.layers.task_loss`, docs/npbml.md).
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ from torch import nn
 from npbml.algorithms.base import GradientLearner, Metrics, _accuracy
 from npbml.algorithms.npbml.batched import batchable, batched_query_logits
 from npbml.algorithms.npbml.cache import EpisodeCache
+from npbml.algorithms.npbml.layers.film import unfoldable_conv
+from npbml.algorithms.npbml.layers.task_loss import TaskAdaptiveLoss, one_hot
+from npbml.algorithms.npbml.layers.unfold import Unfolded, unfold_input
 from npbml.algorithms.npbml.network import NPBMLNetwork, adapt_and_freeze, block_frozen
 from npbml.algorithms.npbml.options import NPBMLOptions
 from npbml.algorithms.task_parallel import parallel_task_gradients
-from npbml.film import unfoldable_conv
 from npbml.layout import run_channels_last
 from npbml.params import Params, named_params, split_params
-from npbml.task_loss import TaskAdaptiveLoss, one_hot
-from npbml.unfold import Unfolded, unfold_input
 from tasks.episode import Episode
 
 #: Largest ratio (patch elements / activation elements) at which the first adapted conv's input
@@ -127,7 +127,8 @@ class NPBML(GradientLearner):
         if "query" in terms and relation_net is None:
             raise ValueError(
                 "the transductive loss term 'query' needs relation_net= (a pre-trained, frozen "
-                "npbml.relation.RelationNetwork; build_npbml loads relation_checkpoint= for you, "
+                "npbml.algorithms.npbml.layers.relation.RelationNetwork; build_npbml loads "
+                "relation_checkpoint= for you, "
                 "written by `npbml pretrain-relation`); pass one or drop 'query' from loss_terms"
             )
         network, adapt_p, freeze_p = _build_network(model, opts)
@@ -309,8 +310,8 @@ class NPBML(GradientLearner):
 
     def unfold_adapted_input(self, h: torch.Tensor) -> torch.Tensor | Unfolded:
         """``h``, the input of the first adapted block, with its patches for the block's first
-        convolution (:mod:`npbml.unfold`) where that pays: the block has one
-        (:func:`~npbml.film.unfoldable_conv`), on CPU, NCHW, and the patches are at most
+        convolution (:mod:`.layers.unfold`) where that pays: the block has one
+        (:func:`~.layers.film.unfoldable_conv`), on CPU, NCHW, and the patches are at most
         :attr:`unfold_max_growth` times the size of ``h``. ``h`` is fixed through the inner loop, so
         it is unfolded once per episode instead of at every step (issue 13)."""
         first = self.frozen_prefix  # the first adapted block; h is its input

@@ -12,17 +12,17 @@ from typing import cast
 import torch
 from torch import nn
 
-from npbml.film import (
+from npbml.algorithms.npbml.layers.film import (
     FiLMGenerator,
     block_channels,
     film_block_forward,
     film_points,
     unfolded_block_forward,
 )
-from npbml.norm import spatial_mean
+from npbml.algorithms.npbml.layers.norm import spatial_mean
+from npbml.algorithms.npbml.layers.unfold import Unfolded
+from npbml.algorithms.npbml.layers.warp import WarpLayer
 from npbml.params import match_names
-from npbml.unfold import Unfolded
-from npbml.warp import WarpLayer
 
 __all__ = ["HeadRow", "NPBMLNetwork", "adapt_and_freeze", "block_adapted_names", "block_frozen"]
 
@@ -124,7 +124,7 @@ class NPBMLNetwork(nn.Module):
 
     def block_forward(self, i: int, h: torch.Tensor | Unfolded) -> torch.Tensor:
         """Block ``i`` with its FiLM generator and the warp after it, if any; ``h`` may come
-        :class:`~npbml.unfold.Unfolded` for the block's first convolution."""
+        :class:`~.layers.unfold.Unfolded` for the block's first convolution."""
         key = str(i)
         if key in self.films:
             generator = cast(FiLMGenerator, self.films[key])  # films holds _generator()s only
@@ -159,7 +159,7 @@ class NPBMLNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor | Unfolded, start: int = 0) -> torch.Tensor:
         """Logits; ``start > 0`` means ``x`` is the (precomputed) input of block ``start``,
-        possibly :class:`~npbml.unfold.Unfolded` for its first convolution."""
+        possibly :class:`~.layers.unfold.Unfolded` for its first convolution."""
         return self.head(self.reduce(self.run_blocks(x, start)))
 
 

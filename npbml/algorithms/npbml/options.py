@@ -65,7 +65,7 @@ class NPBMLOptions:
         loss_hidden: hidden width of the loss MLPs (40).
         loss_init_std, film_init_std: std of the loss-MLP / FiLM-generator initial weights.
         loss_inputs: ``"probs"`` (bounded: softmax and tanh(CE), the default) or ``"logits"``
-            (the paper's raw logits and CE); see :mod:`npbml.task_loss`.
+            (the paper's raw logits and CE); see :mod:`npbml.algorithms.npbml.layers.task_loss`.
         reg_normalize: R reads per-element statistics (mean |w|, RMS; default) instead of raw
             L1/L2 norms, which grow with tensor size.
         reg_joint: R is one MLP over the statistics of all adapted tensors (the paper's

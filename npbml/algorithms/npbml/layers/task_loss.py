@@ -8,7 +8,7 @@ The inner loop of NPBML minimises a meta-learned loss ``M(phi, psi)`` instead of
   CE (1)]``, averaged over the support set;
 * ``L_Q`` - transductive term: per query example an MLP on ``[logits (N), relation scores r (N),
   CE(logits, argmax r) (1)]``, averaged over the query set. ``r`` comes from a frozen, separately
-  pre-trained relation network (:mod:`npbml.relation`); query *labels* are never an input. It has
+  pre-trained relation network (:mod:`.relation`); query *labels* are never an input. It has
   its own weights (the reference code reuses the inductive network by mistake; we do not);
 * ``R``   - weight regulariser: ONE MLP on the concatenated ``(mean, std, mean |w|, RMS)`` of all
   ``L`` adapted tensors (``4L`` inputs, paper: ``R^{4L} -> R``), so it can weight layers
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npbml.activations import smooth_leaky_relu
-from npbml.film import FiLMLinear
+from npbml.algorithms.npbml.layers.film import FiLMLinear
 
 #: Names of the switchable terms, in the order ``M = CE + L_S + L_Q + R`` (docs/methods/npbml.md).
 TERMS = ("ce", "support", "query", "reg")
@@ -63,7 +63,7 @@ class LossMLP(nn.Module):
     """``in -> hidden -> hidden -> 1`` MLP of NPBML's loss terms, applied over the last dim.
 
     ReLU hidden activations, smooth leaky ReLU output (``gamma``, ``beta``), every linear layer a
-    :class:`~npbml.film.FiLMLinear` (self-modulated) unless ``film=False``. With
+    :class:`~.film.FiLMLinear` (self-modulated) unless ``film=False``. With
     ``center_output`` the output is ``phi(z) - phi(0)`` (see the module docstring).
     Input ``[..., in_features]``, output ``[...]``.
     """

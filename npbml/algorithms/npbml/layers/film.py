@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from npbml.norm import batch_norm, spatial_mean
-from npbml.unfold import Unfolded, can_unfold, unfolded_conv
+from npbml.algorithms.npbml.layers.norm import batch_norm, spatial_mean
+from npbml.algorithms.npbml.layers.unfold import Unfolded, can_unfold, unfolded_conv
 
 if TYPE_CHECKING:
     from npbml.models import ConvBlock, ResidualBlock
@@ -77,7 +77,7 @@ def film(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tens
 
 def global_context(x: torch.Tensor) -> torch.Tensor:
     """Per-sample context of an activation: global average pool ``[B, C, ...] -> [B, C]``
-    (:func:`~npbml.norm.spatial_mean`, which keeps a channels-innermost layout in the gradient)."""
+    (:func:`~.norm.spatial_mean`, which keeps a channels-innermost layout in the gradient)."""
     return spatial_mean(x)
 
 
@@ -133,7 +133,7 @@ _FILM_FORWARDS: dict[type, BlockForward] = {}
 #: own gamma/beta), the reference code's placement for residual blocks.
 _FILM_PER_CONV: dict[type, tuple[BlockForward, int]] = {}
 #: Block types whose registered forward (:data:`_FILM_FORWARDS`) also accepts an
-#: :class:`~npbml.unfold.Unfolded` ``x`` (its first layer is ``block.conv`` reading ``x``).
+#: :class:`~.unfold.Unfolded` ``x`` (its first layer is ``block.conv`` reading ``x``).
 _UNFOLDABLE: set[type] = set()
 
 
@@ -164,8 +164,8 @@ def _conv_block_forward(
     block: nn.Module, x: torch.Tensor | Unfolded, modulate: Modulate
 ) -> torch.Tensor:
     # npbml.models.ConvBlock: conv -> BN -> [FiLM] -> ReLU -> pool; the conv from the patches when
-    # the input comes unfolded (npbml.unfold), BN from elementwise ops (npbml.norm: no layout copy
-    # under vmap)
+    # the input comes unfolded (layers.unfold), BN from elementwise ops (layers.norm: no layout
+    # copy under vmap)
     b = cast("ConvBlock", block)  # registered for ConvBlock (looked up by exact type)
     z = unfolded_conv(b.conv, x) if isinstance(x, Unfolded) else b.conv(x)
     return b.pool(b.relu(modulate(batch_norm(b.bn, z))))
@@ -208,9 +208,9 @@ def _register_defaults() -> None:
 
 def unfoldable_conv(block: nn.Module) -> nn.Conv2d | None:
     """The convolution that reads ``block``'s input when the block can run from an
-    :class:`~npbml.unfold.Unfolded` input (:func:`unfolded_block_forward`,
+    :class:`~npbml.algorithms.npbml.layers.unfold.Unfolded` input (:func:`unfolded_block_forward`,
     :func:`film_block_forward`): ``npbml.models.ConvBlock``'s conv, if
-    :func:`~npbml.unfold.can_unfold`; None for any other block."""
+    :func:`~npbml.algorithms.npbml.layers.unfold.can_unfold`; None for any other block."""
     _register_defaults()
     if type(block) not in _UNFOLDABLE:
         return None
@@ -315,7 +315,7 @@ def film_block_forward(
     """Run ``block`` on ``x`` with FiLM from ``generator`` (context: pooled ``x``), placed as
     described in :class:`FiLMBlock`. The functional core of FiLMBlock, for composite networks
     that keep blocks and generators in separate containers. ``x`` may come
-    :class:`~npbml.unfold.Unfolded` for a block with an :func:`unfoldable_conv`."""
+    :class:`~.unfold.Unfolded` for a block with an :func:`unfoldable_conv`."""
     gamma, beta = generator(x.mean if isinstance(x, Unfolded) else global_context(x))
     width = gamma.shape[-1]
 

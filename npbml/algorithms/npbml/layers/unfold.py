@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npbml.norm import spatial_mean
+from npbml.algorithms.npbml.layers.norm import spatial_mean
 
 __all__ = ["Unfolded", "can_unfold", "patch_weight", "unfold_input", "unfolded_conv"]
 
@@ -43,7 +43,7 @@ class Unfolded(NamedTuple):
             innermost), so that the convolution is one ``F.linear`` with the weight permuted to
             the same order (:func:`patch_weight`).
         mean: ``[N, C]``, ``x``'s spatial mean: the context a FiLM generator reads from the
-            block input (:func:`npbml.film.film_block_forward`), fixed with ``x``.
+            block input (:func:`.film.film_block_forward`), fixed with ``x``.
     """
 
     x: torch.Tensor

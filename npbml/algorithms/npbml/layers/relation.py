@@ -258,7 +258,7 @@ def load_relation(path: str | Path, map_location: str | torch.device = "cpu") ->
     if state.get("format") != RELATION_FORMAT:
         raise CheckpointError(
             f"{str(path)!r} is not a relation-network checkpoint (write one with "
-            "`npbml pretrain-relation` or npbml.relation.save_relation)"
+            "`npbml pretrain-relation` or npbml.algorithms.npbml.layers.relation.save_relation)"
         )
     net = RelationNetwork(**state["config"])
     net.load_state_dict(state["state_dict"])

@@ -17,7 +17,7 @@ Why (issue 13): under :func:`torch.func.vmap`, PyTorch's batch-norm rule folds t
 into the channels (``[B, N, C, H, W] -> [N, B*C, H, W]``), which costs a layout copy per call, and
 its backward and double backward on the folded tensor are slow on CPU. Reductions and elementwise
 operations keep the task dimension where it is. NPBML's batched inner loop runs its adapted blocks
-(:mod:`npbml.film`) and warps (:mod:`npbml.warp`) through this function; a BatchNorm that tracks
+(:mod:`.film`) and warps (:mod:`.warp`) through this function; a BatchNorm that tracks
 running statistics keeps PyTorch's own forward.
 """
 
@@ -55,7 +55,7 @@ def batch_norm(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
         return bn(z)
     # Two passes (the mean, then the variance of z - mean), each one reduction over all
     # non-channel dims of the [N, *spatial, C] view: its logical order is the memory order of
-    # channels-innermost z (the adapted blocks' layout, npbml.unfold and npbml.warp), where a
+    # channels-innermost z (the adapted blocks' layout, layers.unfold and layers.warp), where a
     # reduction over the channel-strided [N, C, *spatial] view is up to 5x slower (14x14 maps).
     zl = z.movedim(1, -1) if z.dim() > 2 else z
     dims = tuple(range(zl.dim() - 1))
@@ -70,7 +70,7 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over the spatial dimensions, ``[N, C, *spatial] -> [N, C]`` (``x`` itself when it
     has none), as ``x.mean(dim=(2, ...))``.
 
-    For a channels-innermost ``x`` (the adapted blocks' layout, :mod:`npbml.unfold`) the mean is
+    For a channels-innermost ``x`` (the adapted blocks' layout, :mod:`.unfold`) the mean is
     taken over the ``[N, *spatial, C]`` view. The values are the same; the point is the
     gradient: a mean's backward broadcasts the output gradient over the reduced dimensions, and
     PyTorch lays out the result of that broadcast in the order of the logical dimensions. In

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npbml.film import FiLMGenerator, global_context
-from npbml.norm import batch_norm
+from npbml.algorithms.npbml.layers.film import FiLMGenerator, global_context
+from npbml.algorithms.npbml.layers.norm import batch_norm
 
 
 def warp_conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -61,9 +61,9 @@ def warp_conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if height * width >= kh * kw:
         return F.conv2d(h, weight, padding=(kh // 2, kw // 2))
     # Rows and columns of the dense matrix in (y, x, channel) order, so that a channels-innermost
-    # h (the adapted block's output, npbml.unfold) is read as a view and the output comes back
+    # h (the adapted block's output, layers.unfold) is read as a view and the output comes back
     # channels-innermost too: per-channel BatchNorm and FiLM after the warp are fast in that
-    # layout and slow on NCHW maps of 2x2 or 1x1 (npbml.norm).
+    # layout and slow on NCHW maps of 2x2 or 1x1 (npbml.algorithms.npbml.layers.norm).
     out = h.permute(0, 2, 3, 1).reshape(n, -1) @ dense_conv_matrix(weight, height, width)
     return out.view(n, height, width, -1).permute(0, 3, 1, 2)
 
@@ -151,7 +151,7 @@ class WarpLayer(nn.Module):
         else:
             z = F.conv2d(h, self.conv.weight, padding=self.conv.padding)
         if self.bn is not None:
-            z = batch_norm(self.bn, z)  # npbml.norm: no layout copy under vmap
+            z = batch_norm(self.bn, z)  # layers.norm: no layout copy under vmap
         if self.film is not None:
             z = self.film.modulate(z, global_context(h))
         return z
