@@ -274,6 +274,45 @@ def _masked(
     return targets.masked_fill(~keep, 0), keep.to(dtype).unsqueeze(-1)
 
 
+def _apply(
+    z: torch.Tensor, t: torch.Tensor, a: float, b: float, reduction: str, ignore_index: int
+) -> torch.Tensor:
+    """Run the Function that fits the call (see :func:`sparse_label_smoothing`) on ``[M, C]``
+    logits and ``[M]`` targets, masking ``ignore_index`` where labels may hold it."""
+    num_classes = z.shape[-1]
+    out: torch.Tensor
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # The setup_context Functions (TorchDynamo does not trace a custom jvp: no jvp there).
+        fn = _SparseLSRFunction if torch.compiler.is_compiling() else _SparseLSRFunctionJvp
+        mask = None
+        # Compiled, CUDA or vmap'd targets: nothing read back, always masked; else checked.
+        if not _inspectable(t) or _check_cpu_targets(t, num_classes, ignore_index):
+            t, mask = _masked(t, ignore_index, z.dtype)
+        out = fn.apply(z, t, mask, a, b, reduction)[0]
+    elif not _inspectable(t):  # CUDA etc.: nothing read back (no sync), always masked
+        t, mask = _masked(t, ignore_index, z.dtype)
+        out = _SparseLSREager.apply(z, t, mask, a, b, reduction)
+    elif not 0 <= ignore_index < num_classes:
+        # Plain CPU eager call: CPU gather checks every index, so a call whose labels are all in
+        # [0, C) pays for no check of its own. An ignored or out-of-range label fails the
+        # gather, and only then are the labels read: ValueError for a bad one, else the masked
+        # path.
+        try:
+            out = _SparseLSREager.apply(z, t, None, a, b, reduction)
+        except RuntimeError as err:
+            if "out of bounds" not in str(err):
+                raise
+            _check_cpu_targets(t, num_classes, ignore_index)
+            t, mask = _masked(t, ignore_index, z.dtype)
+            out = _SparseLSREager.apply(z, t, mask, a, b, reduction)
+    else:  # an ignore_index that is also a valid class: look for it
+        mask = None
+        if _check_cpu_targets(t, num_classes, ignore_index):
+            t, mask = _masked(t, ignore_index, z.dtype)
+        out = _SparseLSREager.apply(z, t, mask, a, b, reduction)
+    return out
+
+
 def sparse_label_smoothing(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -340,36 +379,7 @@ def sparse_label_smoothing(
     flat = not (z.dim() == 2 and targets.dtype == torch.long)  # the common case needs no reshape
     t = targets.reshape(-1).long() if flat else targets
     z2 = z.reshape(-1, num_classes) if flat else z
-    out: torch.Tensor
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        # The setup_context Functions (TorchDynamo does not trace a custom jvp: no jvp there).
-        fn = _SparseLSRFunction if torch.compiler.is_compiling() else _SparseLSRFunctionJvp
-        mask = None
-        # Compiled, CUDA or vmap'd targets: nothing read back, always masked; else checked.
-        if not _inspectable(t) or _check_cpu_targets(t, num_classes, ignore_index):
-            t, mask = _masked(t, ignore_index, z.dtype)
-        out = fn.apply(z2, t, mask, a, b, reduction)[0]
-    elif not _inspectable(t):  # CUDA etc.: nothing read back (no sync), always masked
-        t, mask = _masked(t, ignore_index, z.dtype)
-        out = _SparseLSREager.apply(z2, t, mask, a, b, reduction)
-    elif not 0 <= ignore_index < num_classes:
-        # Plain CPU eager call: CPU gather checks every index, so a call whose labels are all in
-        # [0, C) pays for no check of its own. An ignored or out-of-range label fails the
-        # gather, and only then are the labels read: ValueError for a bad one, else the masked
-        # path.
-        try:
-            out = _SparseLSREager.apply(z2, t, None, a, b, reduction)
-        except RuntimeError as err:
-            if "out of bounds" not in str(err):
-                raise
-            _check_cpu_targets(t, num_classes, ignore_index)
-            t, mask = _masked(t, ignore_index, z.dtype)
-            out = _SparseLSREager.apply(z2, t, mask, a, b, reduction)
-    else:  # an ignore_index that is also a valid class: look for it
-        mask = None
-        if _check_cpu_targets(t, num_classes, ignore_index):
-            t, mask = _masked(t, ignore_index, z.dtype)
-        out = _SparseLSREager.apply(z2, t, mask, a, b, reduction)
+    out = _apply(z2, t, a, b, reduction, ignore_index)
     return out.reshape(targets.shape) if flat and reduction == "none" else out
 
 
