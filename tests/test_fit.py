@@ -508,8 +508,6 @@ def test_adalfl_runs_on_the_configured_optimizer_and_logs_ce_beside_the_learned_
     """AdaLFL takes whichever optimizer the config names (issue 28: Adam was refused); the
     epoch's train record reports cross-entropy as ``loss``, the learned loss's own value as
     ``learned_loss`` and its logit gradient against CE's."""
-    from npbml.fit import build_updater  # noqa: F401  (the updater under test)
-
     cfg = _cfg(blobs, name="adalfl", offline_steps=2)
     cfg["optim"] = {"name": optim, "lr": 0.01 if optim != "sgd" else 0.05}
     final = fit(cfg, tmp_path / "run")
