@@ -242,7 +242,7 @@ def test_a_schedule_on_the_optimizer_reaches_the_step():
     adalfl.step(_data(seed=0), _data(seed=1))
     assert torch.equal(model.weight, w)
     adalfl.set_base_lr(0.5)
-    assert opt.param_groups[0]["lr"] == 0.5 and adalfl.base_optimizer.learning_rates() == 0.5
+    assert opt.param_groups[0]["lr"] == 0.5 and adalfl._offline_sgd().learning_rates() == 0.5
     adalfl.step(_data(seed=0), _data(seed=1))
     assert not torch.equal(model.weight, w)
 

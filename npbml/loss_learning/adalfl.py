@@ -214,10 +214,11 @@ class AdaLFL:
         self.steps = 0
         self._last_good = snapshot_parameters(loss_net)
 
-    @property
-    def base_optimizer(self) -> InnerSGD:
-        """The unrolled SGD of the offline phase, with the optimizer's first group's settings
-        (plain SGD at that group's ``lr`` for Adam/AdamW)."""
+    def _offline_sgd(self) -> InnerSGD:
+        """The unrolled SGD of the offline phase, built from :attr:`optimizer`'s first group at
+        call time (plain SGD at that group's ``lr`` for Adam/AdamW). There is no separate base
+        optimizer to configure: the learning rate lives in :attr:`optimizer`'s
+        ``param_groups`` (:meth:`set_base_lr`, or any scheduler)."""
         g = self.optimizer.param_groups[0]
         if not isinstance(self.optimizer, torch.optim.SGD):
             return InnerSGD(lr=float(g["lr"]))
@@ -263,7 +264,7 @@ class AdaLFL:
             self.loss_net,
             meta_objective=self.meta_objective,
             task=self.task,
-            inner_optimizer=self.base_optimizer,
+            inner_optimizer=self._offline_sgd(),
             meta_optimizer=self.meta_optimizer,
             guard=self.loss if isinstance(self.loss, GuardedLoss) else False,
         )
