@@ -65,6 +65,22 @@ def omniglot_root() -> Path:
     return OMNIGLOT_ROOT
 
 
+def tiny_fit_config(folder: Path, epochs: int = 2) -> dict:
+    """An ``npbml fit`` config of 3 separable blobs in 4-D (60 rows, written to ``folder``), an
+    8-unit MLP and batch 16: a run of a second or two for CLI and plot tests."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = (g.normal(size=(3, 4)) * 3)[y] + g.normal(size=(60, 4)) * 0.3
+    np.savez(folder / "d.npz", x=x.astype(np.float32), y=y)
+    return {
+        "data": {"kind": "arrays", "path": str(folder / "d.npz")},
+        "model": {"name": "mlp", "hidden": [8]},
+        "train": {"epochs": epochs, "batch_size": 16, "progress": False},
+    }
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Run the suite on one torch thread: the tests use tiny models, for which intra-op threading

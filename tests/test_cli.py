@@ -347,17 +347,9 @@ def test_nothing_in_the_library_imports_the_cli():
 
 
 def _fit_yaml(tmp_path, epochs: int = 2):
-    import numpy as np
+    from conftest import tiny_fit_config
 
-    g = np.random.default_rng(0)
-    y = np.arange(60) % 3
-    x = (g.normal(size=(3, 4)) * 3)[y] + g.normal(size=(60, 4)) * 0.3
-    np.savez(tmp_path / "d.npz", x=x.astype(np.float32), y=y)
-    cfg = {
-        "data": {"kind": "arrays", "path": str(tmp_path / "d.npz")},
-        "model": {"name": "mlp", "hidden": [8]},
-        "train": {"epochs": epochs, "batch_size": 16, "progress": False},
-    }
+    cfg = tiny_fit_config(tmp_path, epochs)
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

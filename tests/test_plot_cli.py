@@ -90,17 +90,11 @@ def test_plot_bad_input_is_one_error_line(tmp_path, capsys):
 
 def _fit_run(tmp_path):
     """A tiny finished ``npbml fit`` run (3 blobs, 2 epochs)."""
+    from conftest import tiny_fit_config
+
     from npbml.fit import fit
 
-    g = np.random.default_rng(0)
-    y = np.arange(60) % 3
-    x = (g.normal(size=(3, 4)) * 3)[y] + g.normal(size=(60, 4)) * 0.3
-    np.savez(tmp_path / "d.npz", x=x.astype(np.float32), y=y)
-    cfg = {
-        "data": {"kind": "arrays", "path": str(tmp_path / "d.npz")},
-        "model": {"name": "mlp", "hidden": [8]},
-        "train": {"epochs": 2, "batch_size": 16, "progress": False},
-    }
+    cfg = tiny_fit_config(tmp_path)
     fit(cfg, tmp_path / "fitrun")
     return tmp_path / "fitrun"
 
