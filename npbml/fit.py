@@ -687,17 +687,10 @@ def _guard(loss_fn: nn.Module, lc: FitLossConfig) -> GuardedLoss | None:
     adalfl = lc.name == "adalfl"
     if not (lc.guard if lc.guard is not None else adalfl):
         return None
-    bounds = dict(DEFAULT_GUARD) if adalfl else {"min_ratio": 0.25, "max_ratio": 4.0}
-    if lc.guard_bounds is not None:
-        bounds["min_ratio"], bounds["max_ratio"] = lc.guard_bounds
-    if lc.guard_min_cosine is not None:
-        bounds["min_cosine"] = lc.guard_min_cosine
-    return GuardedLoss(
-        loss_fn,
-        min_ratio=bounds["min_ratio"],
-        max_ratio=bounds["max_ratio"],
-        min_cosine=bounds.get("min_cosine", 0.0),
-    )
+    defaults = DEFAULT_GUARD if adalfl else {"min_ratio": 0.25, "max_ratio": 4.0, "min_cosine": 0.0}
+    low, high = lc.guard_bounds or (defaults["min_ratio"], defaults["max_ratio"])
+    cos = defaults["min_cosine"] if lc.guard_min_cosine is None else lc.guard_min_cosine
+    return GuardedLoss(loss_fn, low, high, min_cosine=cos)
 
 
 def _make_optimizer(oc: FitOptimConfig, model: nn.Module) -> torch.optim.Optimizer:
