@@ -311,3 +311,34 @@ def test_a_parameter_the_loss_does_not_reach_is_left_alone_as_torch_would():
     for s in range(3):
         adalfl.step(_data(seed=s), _data(seed=s + 1))
     assert torch.equal(model.unused.weight, w) and model.unused.weight not in opt.state
+
+
+def test_the_meta_gradient_of_a_step_matches_finite_differences():
+    """The meta-gradient AdaLFL.step applies (through the look-ahead of a live torch.optim SGD
+    with a non-empty Nesterov buffer and weight decay) against central differences in float64."""
+    torch.manual_seed(10)
+    model = nn.Linear(3, 3).double()
+    loss_net = LearnedLoss(hidden=(4, 4), output_activation="softplus").double()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    adalfl = AdaLFL(model, loss_net, meta_lr=0.0, guard=False, optimizer=opt)
+    adalfl.step(_data(seed=1, dtype=torch.float64), _data(seed=2, dtype=torch.float64))
+    batch, meta_batch = _data(seed=3, dtype=torch.float64), _data(seed=4, dtype=torch.float64)
+    meta, *_ = adalfl._look_ahead(batch, meta_batch)
+    phis = list(loss_net.parameters())
+    grads = torch.autograd.grad(meta, phis)
+    eps = 1e-6
+    for p, g in zip(phis, grads):
+        for i in range(min(p.numel(), 4)):
+            with torch.no_grad():
+                p.view(-1)[i] += eps
+            up = adalfl._look_ahead(batch, meta_batch)[0].item()
+            with torch.no_grad():
+                p.view(-1)[i] -= 2 * eps
+            down = adalfl._look_ahead(batch, meta_batch)[0].item()
+            with torch.no_grad():
+                p.view(-1)[i] += eps
+            assert g.view(-1)[i].item() == pytest.approx(
+                (up - down) / (2 * eps), rel=1e-4, abs=1e-8
+            )
